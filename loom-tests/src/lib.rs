@@ -1,2 +1,11 @@
-//! Loom models of the universe protocol. The models live in `tests/`; run them with
-//! `RUSTFLAGS="--cfg kgpatch_loom" CARGO_TARGET_DIR=target/loom cargo test -p kgpatch-loom-tests --release`.
+//! Loom models of the universe protocol (`kgpatch-universe`): every interleaving of the real
+//! site, gate and control-plane code, with 2–3 worker threads and a driver.
+//!
+//! The models live in `tests/models.rs` and compile only with the project's loom cfg:
+//!
+//! ```text
+//! RUSTFLAGS="--cfg kgpatch_loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=2 \
+//!     cargo test -p kgpatch-loom-tests --release
+//! ```
+//!
+//! **Owns:** nothing but the models. **Must not touch:** the code under test.

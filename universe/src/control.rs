@@ -171,6 +171,8 @@ pub struct Universe<S, G> {
     stack: Vec<AppliedPatch>,
     transition: Option<Transition>,
     last_t: u64,
+    #[cfg(kgpatch_loom)]
+    wrong_settle_order: bool,
 }
 
 impl<S: Deref<Target = Site>, G: Deref<Target = Gate>> Universe<S, G> {
@@ -182,7 +184,17 @@ impl<S: Deref<Target = Site>, G: Deref<Target = Gate>> Universe<S, G> {
             stack: Vec::new(),
             transition: None,
             last_t: 0,
+            #[cfg(kgpatch_loom)]
+            wrong_settle_order: false,
         }
+    }
+
+    /// Makes completion publish in the wrong order (`STEADY` before `from = to`), so a loom
+    /// model can show that the models catch it. Only in loom builds.
+    #[cfg(kgpatch_loom)]
+    #[doc(hidden)]
+    pub fn use_wrong_settle_order_for_tests(&mut self) {
+        self.wrong_settle_order = true;
     }
 
     /// The gate threads pass through.
@@ -426,16 +438,16 @@ impl<S: Deref<Target = Site>, G: Deref<Target = Gate>> Universe<S, G> {
         Ok(tr.goal)
     }
 
-    /// Moves every one of `threads` to the goal side without a stack check. Returns how many
-    /// were moved. Their consistency is no longer guaranteed: say so loudly.
-    pub fn force<'a>(
-        &mut self,
-        threads: impl IntoIterator<Item = &'a ThreadState>,
-    ) -> Result<usize, UniverseError> {
+    /// Lifts the stack check for the rest of the transition in force: every thread not yet
+    /// on the goal side moves at its next boundary whatever its stack holds. Per-request
+    /// consistency still holds (the word changes only at a boundary), but a thread may keep
+    /// running a version it left — say so loudly.
+    pub fn force(&mut self) -> Result<(), UniverseError> {
         if self.transition.is_none() {
             return Err(UniverseError::NoTransition);
         }
-        Ok(self.gate.force(threads))
+        self.gate.force();
+        Ok(())
     }
 
     /// Completes the transition in force if every one of `threads` (all the threads the
@@ -453,6 +465,11 @@ impl<S: Deref<Target = Site>, G: Deref<Target = Gate>> Universe<S, G> {
         let reversed = tr.goal == Side::From;
         for m in &tr.sites {
             let site = &self.sites[&m.site].site;
+            #[cfg(kgpatch_loom)]
+            if self.wrong_settle_order && !reversed {
+                site.settle_wrong_order();
+                continue;
+            }
             if reversed {
                 site.settle_back();
             } else {

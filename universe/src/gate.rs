@@ -2,7 +2,12 @@
 //! goes, and through which every thread-side operation passes.
 //!
 //! State word layout: bit 0 = a transition is open, bit 1 = it is reversed (goal = `from`),
-//! bits 2..22 = threads inside a migration right now ("in flight"), bits 24.. = `t`.
+//! bit 2 = forced (threads move without a stack check), bits 3..23 = threads inside a
+//! migration right now ("in flight"), bits 24.. = `t`.
+//!
+//! A thread's universe word is written only by the thread itself, at a boundary. Even
+//! `force` works that way: it only lifts the stack check, so a forced thread still changes
+//! universe between two requests, never in the middle of one.
 //!
 //! Why the in-flight count: a thread reads the goal, checks its stack, then writes its word.
 //! If the driver reversed the transition in between and then saw every word on the `from`
@@ -22,7 +27,8 @@ use crate::word::{Side, MAX_TRANSITION};
 
 const OPEN: u64 = 1;
 const REVERSED: u64 = 2;
-const IN_FLIGHT_SHIFT: u32 = 2;
+const FORCED: u64 = 4;
+const IN_FLIGHT_SHIFT: u32 = 3;
 const IN_FLIGHT_ONE: u64 = 1 << IN_FLIGHT_SHIFT;
 const IN_FLIGHT_MASK: u64 = ((1 << 20) - 1) << IN_FLIGHT_SHIFT;
 const T_SHIFT: u32 = 24;
@@ -56,6 +62,8 @@ pub struct GateState {
     pub open: Option<(u64, Side)>,
     /// Threads inside a migration at the moment of the read.
     pub in_flight: u64,
+    /// Threads move without a stack check.
+    pub forced: bool,
 }
 
 impl GateState {
@@ -71,6 +79,7 @@ impl GateState {
         GateState {
             open,
             in_flight: (word & IN_FLIGHT_MASK) >> IN_FLIGHT_SHIFT,
+            forced: word & FORCED != 0,
         }
     }
 }
@@ -119,12 +128,13 @@ impl Gate {
     /// Moves the calling thread to the goal side if `check` (run only when a move is
     /// needed, and told which side the thread would move to) says its stack is clean.
     /// Called by the thread itself: from the migration signal's handler or a quiescent point.
+    /// When the transition is forced the check is skipped.
     pub fn migrate(&self, me: &ThreadState, check: impl FnOnce(u64, Side) -> Check) -> Migration {
-        let entered = self.enter();
-        let outcome = match GateState::decode(entered).open {
+        let entered = GateState::decode(self.enter());
+        let outcome = match entered.open {
             None => Migration::Idle,
             Some((t, goal)) if Side::of_word(me.word(), t) == goal => Migration::AlreadyThere,
-            Some((t, goal)) => match check(t, goal) {
+            Some((t, goal)) => match if entered.forced { Check::Clean } else { check(t, goal) } {
                 Check::Clean => {
                     me.set_word(goal.word(t));
                     Migration::Moved(goal)
@@ -180,9 +190,19 @@ impl Gate {
         debug_assert_eq!(prev & OPEN, 0, "a transition is already open");
     }
 
-    /// Turns the open transition around: from now on threads move back to `from`.
+    /// Turns the open transition around: from now on threads move back to `from`, with
+    /// their stack checked again (a reversal lifts `force`).
     pub(crate) fn reverse(&self) {
-        self.state.fetch_xor(REVERSED, Ordering::AcqRel);
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |s| {
+                Some((s ^ REVERSED) & !FORCED)
+            });
+    }
+
+    /// From now on threads move to the goal side at their next boundary without a check.
+    pub(crate) fn force(&self) {
+        self.state.fetch_or(FORCED, Ordering::AcqRel);
     }
 
     /// Closes the gate after the sites were settled.
@@ -210,23 +230,6 @@ impl Gate {
             && threads
                 .into_iter()
                 .all(|th| Side::of_word(th.word(), t) == goal)
-    }
-
-    /// Migrates `threads` to the goal side without a check (`kgpatch force`). Returns how
-    /// many were moved.
-    pub(crate) fn force<'a>(&self, threads: impl IntoIterator<Item = &'a ThreadState>) -> usize {
-        let Some((t, goal)) = GateState::decode(self.state.fetch_add(0, Ordering::AcqRel)).open
-        else {
-            return 0;
-        };
-        let mut moved = 0;
-        for th in threads {
-            if Side::of_word(th.word(), t) != goal {
-                th.set_word(goal.word(t));
-                moved += 1;
-            }
-        }
-        moved
     }
 }
 

@@ -15,7 +15,10 @@
 //!
 //! Publication order (proven by the loom models):
 //! - **begin**: write `to`, then `migrated_value = 2t+1` (release). `from` already holds the
-//!   current version. A thread that sees `2t+1` therefore sees the new `to`.
+//!   current version. A thread that sees `2t+1` therefore sees the new `to`. (The gate opens
+//!   only after every site is published, and a thread reaches `2t+1` only through the gate,
+//!   so this order is also implied by the gate's release; it is kept so a site is correct on
+//!   its own.)
 //! - **settle** (completion): write `from = to`, then `migrated_value = STEADY` (release). A
 //!   migrated thread that sees `STEADY` goes to `from`, which already equals `to`.
 //! - **settle back** (a reversal's completion): write `to = from`, then `STEADY`. No thread
@@ -78,21 +81,21 @@ impl Site {
             .store(migrated_value(t), Ordering::Release);
     }
 
-    /// The wrong order, `migrated_value` before `to`: kept only so the loom models can show
-    /// that they catch it.
-    #[cfg(kgpatch_loom)]
-    #[doc(hidden)]
-    pub fn begin_wrong_order(&self, t: u64, to: Version) {
-        self.migrated_value
-            .store(migrated_value(t), Ordering::Release);
-        self.to.store(to.0, Ordering::Release);
-    }
-
     /// Publishes the completion of a transition: every thread now runs `to`.
     pub fn settle(&self) {
         let to = self.to.load(Ordering::Relaxed);
         self.from.store(to, Ordering::Relaxed);
         self.migrated_value.store(STEADY, Ordering::Release);
+    }
+
+    /// The wrong completion order, `STEADY` before `from = to`: kept only so the loom models
+    /// can show that they catch it.
+    #[cfg(kgpatch_loom)]
+    #[doc(hidden)]
+    pub fn settle_wrong_order(&self) {
+        let to = self.to.load(Ordering::Relaxed);
+        self.migrated_value.store(STEADY, Ordering::Release);
+        self.from.store(to, Ordering::Release);
     }
 
     /// Publishes the completion of a reversed transition: every thread now runs `from`.

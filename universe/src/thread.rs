@@ -2,8 +2,7 @@
 //! needs to know about the thread's attempts to migrate.
 //!
 //! Only the thread itself writes its state (from its signal handler, a quiescent point, or its
-//! start hook), except [`crate::Gate::force`], which the driver uses to migrate threads
-//! without a check. Every field is a plain atomic, so a signal handler can update it without
+//! start hook); the driver only reads it. Every field is a plain atomic, so a signal handler can update it without
 //! allocating or locking.
 
 use crate::sync::{AtomicU64, Ordering};
@@ -47,13 +46,13 @@ impl ThreadState {
     /// The thread's universe word.
     #[inline]
     pub fn word(&self) -> u64 {
-        // Acquire, as the stub's plain x86 load is: a word written by `force` from another
-        // thread brings the site words published before it.
-        self.word.load(Ordering::Acquire)
+        // Only the owner writes it; the driver reads it after an acquiring read of the gate
+        // that the owner's release (leaving the gate) precedes.
+        self.word.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_word(&self, value: u64) {
-        self.word.store(value, Ordering::Release);
+        self.word.store(value, Ordering::Relaxed);
     }
 
     /// Records a failed attempt to migrate in transition `t`.

@@ -9,7 +9,6 @@
 //! - a refused operation changes nothing; nothing panics;
 //! - transition numbers strictly increase.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kgpatch_universe::*;
@@ -204,12 +203,17 @@ impl World {
             }
             Op::Migrate { thread } => {
                 if thread < self.threads.len() {
+                    let forced = self.u.gate().state().forced;
                     let out = self
                         .u
                         .gate()
                         .migrate(&self.threads[thread].state, self.check_of(thread));
                     if self.u.transition().is_none() {
                         assert_eq!(out, Migration::Idle);
+                    }
+                    if let Migration::Moved(_) = out {
+                        let th = &mut self.threads[thread];
+                        th.forced |= forced && !th.frames.is_empty();
                     }
                 }
                 false
@@ -241,15 +245,7 @@ impl World {
                 false
             }
             Op::Reverse => self.u.reverse().is_err(),
-            Op::Force => match self.u.force(self.threads.iter().map(|t| &t.state)) {
-                Ok(_) => {
-                    for th in &mut self.threads {
-                        th.forced = !th.frames.is_empty();
-                    }
-                    false
-                }
-                Err(_) => true,
-            },
+            Op::Force => self.u.force().is_err(),
             Op::Poll => {
                 let tr = self.u.transition().cloned();
                 if let Some(done) = self.u.poll(self.threads.iter().map(|t| &t.state)) {

@@ -219,15 +219,35 @@ fn bad_patches_are_refused_whole() {
 }
 
 #[test]
-fn force_moves_the_rest_without_a_check() {
+fn force_lifts_the_check_but_moves_only_at_a_boundary() {
     let mut u = universe();
     let a = ThreadState::new();
     let b = ThreadState::new();
     apply(&mut u, spec("fix", &[(F, 0xf1)]));
-    assert_eq!(u.force([&a, &b]).unwrap(), 2);
-    assert_eq!(run(&u, &b, F), Version(0xf1));
+    let busy = |_, _| Check::Blocked(Blocker::Busy { site: 0, depth: 1 });
+    assert!(matches!(u.gate().migrate(&a, busy), Migration::Blocked(_)));
+    u.force().unwrap();
+    assert!(u.gate().state().forced);
+    // Nothing moved yet: words change only at a thread's own boundary.
+    assert_eq!(run(&u, &b, F), F0);
+    assert!(u.poll([&a, &b]).is_none());
+    assert_eq!(u.gate().migrate(&a, busy), Migration::Moved(Side::To));
+    assert_eq!(u.gate().migrate(&b, busy), Migration::Moved(Side::To));
     assert!(u.poll([&a, &b]).is_some());
-    assert_eq!(u.force([&a]).unwrap_err(), UniverseError::NoTransition);
+    assert_eq!(u.force().unwrap_err(), UniverseError::NoTransition);
+}
+
+#[test]
+fn reversal_lifts_force() {
+    let mut u = universe();
+    let a = ThreadState::new();
+    apply(&mut u, spec("fix", &[(F, 0xf1)]));
+    u.force().unwrap();
+    u.gate().migrate(&a, |_, _| Check::Clean);
+    u.reverse().unwrap();
+    assert!(!u.gate().state().forced);
+    let busy = |_, _| Check::Blocked(Blocker::Busy { site: 0, depth: 0 });
+    assert!(matches!(u.gate().migrate(&a, busy), Migration::Blocked(_)));
 }
 
 #[test]
