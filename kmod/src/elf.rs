@@ -1,0 +1,390 @@
+//! Reading ELF files with `object`: a target's symbols (with the `STT_FILE` each local
+//! symbol follows), build-id, soname and loadable segments; a module's manifest section and
+//! exported symbols. Files are read lazily through `object::ReadCache`, so a large target
+//! costs its headers and symbol tables, not its whole size.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use object::elf;
+use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::ReadCache;
+use object::{Endianness, Object, ObjectSection};
+use serde::Serialize;
+
+use crate::error::KmodError;
+use crate::manifest::Manifest;
+use crate::parse::parse_manifest;
+use crate::raw;
+
+/// Which symbol table a lookup used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SymbolTable {
+    /// The full `.symtab` (locals included).
+    Symtab,
+    /// Only the dynamic `.dynsym` (the file is stripped): exported symbols only.
+    Dynsym,
+}
+
+impl SymbolTable {
+    /// `.symtab` or `.dynsym`.
+    pub fn section_name(self) -> &'static str {
+        match self {
+            SymbolTable::Symtab => ".symtab",
+            SymbolTable::Dynsym => ".dynsym",
+        }
+    }
+}
+
+/// The ELF type of a symbol, as far as patching cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SymKind {
+    /// `STT_FUNC`.
+    Function,
+    /// `STT_GNU_IFUNC`: a resolver, not the function.
+    IndirectFunction,
+    /// `STT_OBJECT` or `STT_COMMON`.
+    Variable,
+    /// `STT_TLS`: per-thread, has no single address.
+    ThreadLocal,
+    /// `STT_NOTYPE` (assembler labels).
+    NoType,
+}
+
+/// One defined symbol of a target file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TargetSymbol {
+    /// Name.
+    pub name: String,
+    /// The `STT_FILE` this local symbol follows; `None` for globals.
+    pub file: Option<String>,
+    /// `STB_LOCAL`.
+    pub local: bool,
+    /// Type.
+    pub kind: SymKind,
+    /// `st_value`: link-time address.
+    pub value: u64,
+    /// `st_size`.
+    pub size: u64,
+}
+
+/// A `PT_LOAD` segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LoadSegment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    pub flags: u32,
+}
+
+impl LoadSegment {
+    /// File offset of `[vaddr, vaddr+len)` when it lies entirely in this segment's file bytes.
+    fn file_offset(&self, vaddr: u64, len: u64) -> Option<u64> {
+        let end = vaddr.checked_add(len)?;
+        let seg_end = self.vaddr.checked_add(self.filesz)?;
+        (vaddr >= self.vaddr && end <= seg_end).then(|| self.offset + (vaddr - self.vaddr))
+    }
+}
+
+/// What the resolver needs from a target file.
+#[derive(Clone, Debug)]
+pub(crate) struct TargetInfo {
+    pub path: PathBuf,
+    pub build_id: Option<Vec<u8>>,
+    pub table: SymbolTable,
+    /// Defined symbols among the wanted names, in table order.
+    pub symbols: Vec<TargetSymbol>,
+    pub loads: Vec<LoadSegment>,
+}
+
+impl TargetInfo {
+    /// The `len` bytes at link-time address `vaddr`, from the file.
+    pub fn read_vaddr(&self, vaddr: u64, len: u64) -> Result<Option<Vec<u8>>, KmodError> {
+        let Some(offset) = self.loads.iter().find_map(|s| s.file_offset(vaddr, len)) else {
+            return Ok(None);
+        };
+        let len = usize::try_from(len).map_err(|_| KmodError::NotElf {
+            path: self.path.clone(),
+            reason: "symbol size does not fit in memory".into(),
+        })?;
+        let mut buf = vec![0u8; len];
+        let file = File::open(&self.path).map_err(|e| KmodError::io(&self.path, e))?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| KmodError::io(&self.path, e))?;
+        Ok(Some(buf))
+    }
+}
+
+fn open(path: &Path) -> Result<ReadCache<File>, KmodError> {
+    let file = File::open(path).map_err(|e| KmodError::io(path, e))?;
+    Ok(ReadCache::new(file))
+}
+
+fn parse<'a>(
+    path: &Path,
+    cache: &'a ReadCache<File>,
+) -> Result<ElfFile64<'a, Endianness, &'a ReadCache<File>>, KmodError> {
+    let elf = ElfFile64::<Endianness, _>::parse(cache).map_err(|e| KmodError::NotElf {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let machine = elf.elf_header().e_machine(elf.endian());
+    if machine != elf::EM_X86_64 {
+        return Err(KmodError::NotElf {
+            path: path.to_owned(),
+            reason: format!("machine {machine} is not x86-64"),
+        });
+    }
+    Ok(elf)
+}
+
+fn loads<'a>(elf: &ElfFile64<'a, Endianness, &'a ReadCache<File>>) -> Vec<LoadSegment> {
+    let e = elf.endian();
+    elf.elf_program_headers()
+        .iter()
+        .filter(|p| p.p_type(e) == elf::PT_LOAD)
+        .map(|p| LoadSegment {
+            vaddr: p.p_vaddr(e),
+            memsz: p.p_memsz(e),
+            offset: p.p_offset(e),
+            filesz: p.p_filesz(e),
+            flags: p.p_flags(e),
+        })
+        .collect()
+}
+
+fn bad(path: &Path, e: object::Error) -> KmodError {
+    KmodError::NotElf {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// Reads a target file: build-id, the symbol table to use (`.symtab` when present and
+/// non-empty, else `.dynsym`), and its defined symbols whose name is in `wanted` (all when
+/// `None`).
+pub(crate) fn read_target(
+    path: &Path,
+    wanted: Option<&HashSet<&str>>,
+) -> Result<TargetInfo, KmodError> {
+    let cache = open(path)?;
+    let elf = parse(path, &cache)?;
+    let e = elf.endian();
+    let build_id = elf.build_id().map_err(|err| bad(path, err))?.map(<[u8]>::to_vec);
+    let (table, syms) = if elf.elf_symbol_table().is_empty() {
+        (SymbolTable::Dynsym, elf.elf_dynamic_symbol_table())
+    } else {
+        (SymbolTable::Symtab, elf.elf_symbol_table())
+    };
+    let strings = syms.strings();
+    let mut symbols = Vec::new();
+    let mut file: Option<String> = None;
+    for sym in syms.iter().skip(1) {
+        let st_type = sym.st_type();
+        let name = sym.name(e, strings).map_err(|err| bad(path, err))?;
+        if st_type == elf::STT_FILE {
+            file = Some(String::from_utf8_lossy(name).into_owned());
+            continue;
+        }
+        let local = sym.st_bind() == elf::STB_LOCAL;
+        if name.is_empty() || sym.st_shndx(e) == elf::SHN_UNDEF {
+            continue;
+        }
+        let Ok(name) = core::str::from_utf8(name) else {
+            continue;
+        };
+        if wanted.is_some_and(|w| !w.contains(name)) {
+            continue;
+        }
+        let kind = match st_type {
+            elf::STT_FUNC => SymKind::Function,
+            elf::STT_GNU_IFUNC => SymKind::IndirectFunction,
+            elf::STT_OBJECT | elf::STT_COMMON => SymKind::Variable,
+            elf::STT_TLS => SymKind::ThreadLocal,
+            elf::STT_NOTYPE => SymKind::NoType,
+            _ => continue,
+        };
+        symbols.push(TargetSymbol {
+            name: name.to_owned(),
+            file: if local { file.clone() } else { None },
+            local,
+            kind,
+            value: sym.st_value(e),
+            size: sym.st_size(e),
+        });
+    }
+    Ok(TargetInfo {
+        path: path.to_owned(),
+        build_id,
+        table,
+        symbols,
+        loads: loads(&elf),
+    })
+}
+
+/// The `DT_SONAME` of a shared object, if any.
+pub(crate) fn soname(path: &Path) -> Result<Option<String>, KmodError> {
+    let cache = open(path)?;
+    let elf = parse(path, &cache)?;
+    let e = elf.endian();
+    let data = elf.data();
+    let sections = elf.elf_section_table();
+    let Some((dyns, strtab)) = sections.dynamic(e, data).map_err(|err| bad(path, err))? else {
+        return Ok(None);
+    };
+    let strings = sections
+        .strings(e, data, strtab)
+        .map_err(|err| bad(path, err))?;
+    for d in dyns {
+        if d.tag32(e) == Some(elf::DT_SONAME) {
+            let offset = u32::try_from(d.d_val(e)).map_err(|_| KmodError::NotElf {
+                path: path.to_owned(),
+                reason: "DT_SONAME offset out of range".into(),
+            })?;
+            let name = strings
+                .get(offset)
+                .map_err(|()| KmodError::NotElf {
+                    path: path.to_owned(),
+                    reason: "DT_SONAME offset out of range".into(),
+                })?;
+            return Ok(Some(String::from_utf8_lossy(name).into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// A symbol the module exports in `.dynsym`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Export {
+    pub value: u64,
+    pub size: u64,
+    pub kind: u8,
+}
+
+/// A patch module read from its file, with the manifest validated. Nothing of it has run.
+#[derive(Clone, Debug)]
+pub struct ModuleFile {
+    /// Path it was read from.
+    pub path: PathBuf,
+    /// The validated manifest.
+    pub manifest: Manifest,
+    /// Link-time address of the `.kgpatch` section.
+    pub section_vaddr: u64,
+    /// The section's bytes as in the file (every slot zero).
+    pub section_bytes: Vec<u8>,
+    pub(crate) exports: HashMap<String, Export>,
+    pub(crate) loads: Vec<LoadSegment>,
+}
+
+impl ModuleFile {
+    /// Reads and validates a patch module: an x86-64 ELF shared object with a well-formed
+    /// `.kgpatch` section in a writable loaded segment, exporting every new function and
+    /// callback the manifest names. Runs none of the module's code.
+    pub fn read(path: impl AsRef<Path>) -> Result<ModuleFile, KmodError> {
+        let path = path.as_ref();
+        let cache = open(path)?;
+        let elf = parse(path, &cache)?;
+        let e = elf.endian();
+        if elf.elf_header().e_type(e) != elf::ET_DYN {
+            return Err(KmodError::NotElf {
+                path: path.to_owned(),
+                reason: "not a shared object (ET_DYN)".into(),
+            });
+        }
+        let section = elf
+            .section_by_name(raw::SECTION_NAME)
+            .ok_or_else(|| KmodError::NoManifest {
+                path: path.to_owned(),
+            })?;
+        let size = section.size();
+        if size > raw::MAX_SECTION_SIZE {
+            return Err(KmodError::BadManifest {
+                path: path.to_owned(),
+                source: crate::ManifestError::SectionTooLarge { size },
+            });
+        }
+        let bytes = section.data().map_err(|err| bad(path, err))?.to_vec();
+        let manifest = parse_manifest(&bytes).map_err(|source| KmodError::BadManifest {
+            path: path.to_owned(),
+            source,
+        })?;
+        let vaddr = section.address();
+        let loads = loads(&elf);
+        let header = section.elf_section_header();
+        let writable = header.sh_flags(e) & u64::from(elf::SHF_WRITE) != 0;
+        let in_rw_load = loads.iter().any(|s| {
+            s.flags & elf::PF_W != 0 && s.file_offset(vaddr, bytes.len() as u64).is_some()
+        });
+        if header.sh_type(e) != elf::SHT_PROGBITS || !writable || !in_rw_load || vaddr % 8 != 0
+        {
+            return Err(KmodError::ManifestNotLoadable {
+                path: path.to_owned(),
+            });
+        }
+        let mut exports = HashMap::new();
+        let dynsym = elf.elf_dynamic_symbol_table();
+        for sym in dynsym.iter().skip(1) {
+            if sym.st_shndx(e) == elf::SHN_UNDEF || sym.st_bind() == elf::STB_LOCAL {
+                continue;
+            }
+            let Ok(name) = sym.name(e, dynsym.strings()) else {
+                continue;
+            };
+            let Ok(name) = core::str::from_utf8(name) else {
+                continue;
+            };
+            exports.insert(
+                name.to_owned(),
+                Export {
+                    value: sym.st_value(e),
+                    size: sym.st_size(e),
+                    kind: sym.st_type(),
+                },
+            );
+        }
+        let module = ModuleFile {
+            path: path.to_owned(),
+            manifest,
+            section_vaddr: vaddr,
+            section_bytes: bytes,
+            exports,
+            loads,
+        };
+        for f in &module.manifest.functions {
+            module.function_export(&f.new_symbol, "new function")?;
+        }
+        for (role, sym) in module.manifest.callbacks.iter() {
+            module.function_export(sym, role)?;
+        }
+        Ok(module)
+    }
+
+    /// Link-time address of an exported function of the module, checked to be a defined
+    /// function inside an executable loaded segment.
+    pub(crate) fn function_export(&self, symbol: &str, role: &str) -> Result<u64, KmodError> {
+        let not = || KmodError::NotExported {
+            path: self.path.clone(),
+            role: role.to_owned(),
+            symbol: symbol.to_owned(),
+        };
+        let export = self.exports.get(symbol).ok_or_else(not)?;
+        let in_text = self.loads.iter().any(|s| {
+            s.flags & elf::PF_X != 0 && s.file_offset(export.value, export.size.max(1)).is_some()
+        });
+        if export.kind != elf::STT_FUNC || !in_text {
+            return Err(not());
+        }
+        Ok(export.value)
+    }
+}
+
+/// Reads the manifest of a patch module file, validated, without running any of its code.
+/// The CLI's `kgpatch inspect` prints it with `Display` or [`Manifest::to_json`].
+pub fn inspect(path: impl AsRef<Path>) -> Result<Manifest, KmodError> {
+    ModuleFile::read(path).map(|m| m.manifest)
+}

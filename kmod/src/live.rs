@@ -1,0 +1,409 @@
+//! The live process: enumerating loaded objects (`dl_iterate_phdr`), opening a module
+//! (`dlopen(RTLD_NOW | RTLD_LOCAL)`), filling its slots, running its callbacks, closing it.
+//!
+//! # Safety
+//! This module holds the crate's OS-facing `unsafe`. Memory is read only inside ranges the
+//! loader reports as mapped: program headers and notes of loaded objects while
+//! `dl_iterate_phdr` holds the loader lock, and the module's own `.kgpatch` section, which
+//! [`ModuleFile::read`] checked lies in a writable `PT_LOAD` of the module and which stays
+//! mapped while the `Loaded` handle is open. Module code (callbacks) is called only after
+//! every slot is filled; opening a module is `unsafe` because its initialisers run.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::elf::ModuleFile;
+use crate::error::KmodError;
+use crate::manifest::Manifest;
+use crate::resolve::{resolve_against, LoadedObject, ResolveOptions, Resolved};
+
+const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const NT_GNU_BUILD_ID: u32 = 3;
+
+/// Parses ELF notes (4-byte aligned) and returns the GNU build-id descriptor.
+fn build_id_from_notes(mut notes: &[u8]) -> Option<Vec<u8>> {
+    let word = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let align4 = |n: usize| n.checked_add(3).map(|n| n & !3);
+    while notes.len() >= 12 {
+        let namesz = word(notes, 0)? as usize;
+        let descsz = word(notes, 4)? as usize;
+        let ntype = word(notes, 8)?;
+        let name_end = 12usize.checked_add(align4(namesz)?)?;
+        let desc_end = name_end.checked_add(align4(descsz)?)?;
+        if desc_end > notes.len() {
+            return None;
+        }
+        if ntype == NT_GNU_BUILD_ID && notes.get(12..12 + namesz)? == b"GNU\0" {
+            return Some(notes[name_end..name_end + descsz].to_vec());
+        }
+        notes = &notes[desc_end..];
+    }
+    None
+}
+
+struct Collector {
+    objects: Vec<LoadedObject>,
+}
+
+unsafe extern "C" fn collect(
+    info: *mut libc::dl_phdr_info,
+    _size: usize,
+    data: *mut c_void,
+) -> c_int {
+    // SAFETY: `data` is the `&mut Collector` passed to `dl_iterate_phdr` by `loaded_objects`,
+    // alive and not otherwise borrowed for the duration of the call.
+    let collector = unsafe { &mut *data.cast::<Collector>() };
+    // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the callback.
+    let info = unsafe { &*info };
+    let name = if info.dlpi_name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: `dlpi_name` is a NUL-terminated string owned by the loader, valid during
+        // the callback.
+        unsafe { CStr::from_ptr(info.dlpi_name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+        &[]
+    } else {
+        // SAFETY: the loader reports `dlpi_phnum` program headers at `dlpi_phdr`, mapped
+        // while the object is loaded (the loader lock keeps it loaded during the callback).
+        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+    };
+    let bias = info.dlpi_addr;
+    let mut build_id = None;
+    for note in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
+        // Only read notes that lie inside a loaded segment of this object.
+        let inside = phdrs.iter().any(|l| {
+            l.p_type == PT_LOAD
+                && note.p_vaddr >= l.p_vaddr
+                && note.p_vaddr.checked_add(note.p_memsz)
+                    <= l.p_vaddr.checked_add(l.p_filesz)
+        });
+        if !inside || note.p_memsz > 1 << 20 {
+            continue;
+        }
+        let addr = bias.wrapping_add(note.p_vaddr) as *const u8;
+        // SAFETY: `[addr, addr + p_memsz)` lies in a file-backed part of a PT_LOAD of this
+        // object (checked above), mapped and readable while the object is loaded.
+        let bytes = unsafe { std::slice::from_raw_parts(addr, note.p_memsz as usize) };
+        if let Some(id) = build_id_from_notes(bytes) {
+            build_id = Some(id);
+            break;
+        }
+    }
+    let is_main = collector.objects.is_empty();
+    let file = if is_main {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        PathBuf::from(&name)
+    };
+    collector.objects.push(LoadedObject {
+        name,
+        file,
+        bias,
+        is_main,
+        build_id,
+    });
+    0
+}
+
+/// The objects loaded in this process, the executable first (its file is `/proc/self/exe`,
+/// which names the running image even if its path was replaced or deleted).
+pub fn loaded_objects() -> Vec<LoadedObject> {
+    let mut collector = Collector {
+        objects: Vec::new(),
+    };
+    // SAFETY: `collect` matches the callback signature and only uses `data` as the
+    // `Collector` we pass, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(collect),
+            (&mut collector as *mut Collector).cast::<c_void>(),
+        )
+    };
+    collector.objects
+}
+
+fn dlerror_message() -> String {
+    // SAFETY: `dlerror` returns NULL or a NUL-terminated string valid until the next dl*
+    // call on this thread; we copy it at once.
+    let msg = unsafe { libc::dlerror() };
+    if msg.is_null() {
+        "unknown error".to_owned()
+    } else {
+        // SAFETY: non-null `dlerror` result, see above.
+        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+    }
+}
+
+/// A patch module opened in this process with `dlopen(RTLD_NOW | RTLD_LOCAL)`.
+///
+/// Dropping it does not unload the module (its code may be patched in); call
+/// [`Loaded::close`] after the patch is reverted.
+#[derive(Debug)]
+pub struct Loaded {
+    handle: NonNull<c_void>,
+    module: ModuleFile,
+    bias: u64,
+    resolved: Option<Resolved>,
+}
+
+// SAFETY: a dlopen handle is process-wide and may be used from any thread; the other fields
+// are owned data.
+unsafe impl Send for Loaded {}
+
+impl Loaded {
+    /// Reads and validates the module file, then `dlopen`s it (`RTLD_NOW | RTLD_LOCAL`) and
+    /// checks that the mapped manifest equals the file's.
+    ///
+    /// # Safety
+    /// `dlopen` runs the module's initialisers (C constructors, `.init_array`). The module
+    /// must be trusted code, and must not run code at load time that needs its reference
+    /// slots (they are empty until [`Loaded::resolve`]).
+    pub unsafe fn open(path: impl AsRef<Path>) -> Result<Loaded, KmodError> {
+        let path = path.as_ref();
+        let module = ModuleFile::read(path)?;
+        let cpath =
+            CString::new(path.as_os_str().as_bytes()).map_err(|_| KmodError::Dlopen {
+                path: path.to_owned(),
+                message: "the path contains a NUL byte".into(),
+            })?;
+        // A relative path without '/' would make dlopen search the library path.
+        let cpath = if path.as_os_str().as_bytes().contains(&b'/') {
+            cpath
+        } else {
+            CString::new([b"./", path.as_os_str().as_bytes()].concat()).unwrap_or(cpath)
+        };
+        // SAFETY: `cpath` is NUL-terminated; the caller vouched for the module's initialisers.
+        let handle = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        let Some(handle) = NonNull::new(handle) else {
+            return Err(KmodError::Dlopen {
+                path: path.to_owned(),
+                message: dlerror_message(),
+            });
+        };
+        let mut map: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: `handle` is a live dlopen handle; RTLD_DI_LINKMAP stores a `struct link_map
+        // *` into the pointer we pass.
+        let rc = unsafe {
+            libc::dlinfo(
+                handle.as_ptr(),
+                libc::RTLD_DI_LINKMAP,
+                (&mut map as *mut *mut c_void).cast::<c_void>(),
+            )
+        };
+        if rc != 0 || map.is_null() {
+            let message = dlerror_message();
+            // SAFETY: closing the handle we just opened; nothing of it is in use.
+            unsafe { libc::dlclose(handle.as_ptr()) };
+            return Err(KmodError::Dlopen {
+                path: path.to_owned(),
+                message,
+            });
+        }
+        // SAFETY: glibc's `struct link_map` starts with `ElfW(Addr) l_addr`, the load bias;
+        // `map` is valid while the handle is open.
+        let bias = unsafe { map.cast::<u64>().read() };
+        let loaded = Loaded {
+            handle,
+            module,
+            bias,
+            resolved: None,
+        };
+        if loaded.live_section() != loaded.module.section_bytes {
+            // SAFETY: as above; the module's code is not in use.
+            unsafe { libc::dlclose(handle.as_ptr()) };
+            return Err(KmodError::ModuleChanged {
+                path: path.to_owned(),
+            });
+        }
+        Ok(loaded)
+    }
+
+    /// A copy of the mapped `.kgpatch` section.
+    fn live_section(&self) -> Vec<u8> {
+        let addr = self.bias.wrapping_add(self.module.section_vaddr) as *const u8;
+        // SAFETY: `ModuleFile::read` checked the section lies inside a file-backed part of a
+        // writable PT_LOAD of the module, which is mapped while the handle is open.
+        unsafe { std::slice::from_raw_parts(addr, self.module.section_bytes.len()) }.to_vec()
+    }
+
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.module.manifest
+    }
+
+    /// The module as read from its file.
+    pub fn module(&self) -> &ModuleFile {
+        &self.module
+    }
+
+    /// The module's load bias.
+    pub fn bias(&self) -> u64 {
+        self.bias
+    }
+
+    /// The last successful resolution.
+    pub fn resolved(&self) -> Option<&Resolved> {
+        self.resolved.as_ref()
+    }
+
+    /// The current value of each reference slot, in manifest order (0 = empty).
+    pub fn slot_values(&self) -> Vec<u64> {
+        let section = self.live_section();
+        self.module
+            .manifest
+            .references
+            .iter()
+            .map(|r| {
+                let at = r.slot_offset as usize;
+                section
+                    .get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes)
+            })
+            .collect()
+    }
+
+    /// Resolves the module against the objects loaded in this process and, only if every
+    /// function and reference resolved and checked, fills every slot. On error nothing was
+    /// written.
+    pub fn resolve(&mut self, opts: ResolveOptions) -> Result<&Resolved, KmodError> {
+        let objects = loaded_objects();
+        let resolved = resolve_against(&self.module, self.bias, &objects, opts)?;
+        let start = self.bias.wrapping_add(self.module.section_vaddr);
+        let end = start.wrapping_add(self.module.section_bytes.len() as u64);
+        for slot in &resolved.slots {
+            // `resolve_against` computed every slot address inside the section at an
+            // 8-aligned offset; re-check before writing through it.
+            assert!(
+                slot.slot_address >= start
+                    && slot.slot_address.wrapping_add(8) <= end
+                    && slot.slot_address % 8 == 0,
+                "slot address outside the module's manifest"
+            );
+            // SAFETY: the slot is an 8-aligned word inside the mapped, writable `.kgpatch`
+            // section of this module (checked above and by `ModuleFile::read`); the module's
+            // code accesses it only through volatile reads.
+            let word = unsafe { AtomicU64::from_ptr(slot.slot_address as *mut u64) };
+            word.store(slot.value, Ordering::Release);
+        }
+        Ok(self.resolved.insert(resolved))
+    }
+
+    fn callback_address(&self, symbol: &str, role: &str) -> Result<u64, KmodError> {
+        if self.resolved.is_none() {
+            return Err(KmodError::NotResolved {
+                name: self.module.manifest.name.clone(),
+            });
+        }
+        Ok(self
+            .bias
+            .wrapping_add(self.module.function_export(symbol, role)?))
+    }
+
+    /// Runs the pre-apply callback, if any. A nonzero return is a veto.
+    pub fn pre_apply(&self) -> Result<(), KmodError> {
+        let Some(symbol) = &self.module.manifest.callbacks.pre_apply else {
+            return Ok(());
+        };
+        let addr = self.callback_address(symbol, "pre-apply")?;
+        let mut buf = [0u8; 512];
+        // SAFETY: `addr` is an exported function of this open module, declared by the
+        // author as `int f(char *msg, size_t cap)`; its slots are filled.
+        let f = unsafe {
+            std::mem::transmute::<usize, unsafe extern "C" fn(*mut c_char, usize) -> c_int>(
+                addr as usize,
+            )
+        };
+        // SAFETY: `buf` is writable for `buf.len()` bytes.
+        let code = unsafe { f(buf.as_mut_ptr().cast::<c_char>(), buf.len()) };
+        if code == 0 {
+            return Ok(());
+        }
+        let last = buf.len() - 1;
+        buf[last] = 0;
+        let message = CStr::from_bytes_until_nul(&buf)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Err(KmodError::Vetoed {
+            name: self.module.manifest.name.clone(),
+            code,
+            message,
+        })
+    }
+
+    fn run_void(&self, symbol: &Option<String>, role: &str) -> Result<(), KmodError> {
+        let Some(symbol) = symbol else {
+            return Ok(());
+        };
+        let addr = self.callback_address(symbol, role)?;
+        // SAFETY: an exported function of this open module, declared `void f(void)`.
+        let f = unsafe { std::mem::transmute::<usize, unsafe extern "C" fn()>(addr as usize) };
+        // SAFETY: the module is loaded and its slots are filled.
+        unsafe { f() };
+        Ok(())
+    }
+
+    /// Runs the post-apply callback, if any.
+    pub fn post_apply(&self) -> Result<(), KmodError> {
+        self.run_void(&self.module.manifest.callbacks.post_apply, "post-apply")
+    }
+
+    /// Runs the pre-revert callback, if any.
+    pub fn pre_revert(&self) -> Result<(), KmodError> {
+        self.run_void(&self.module.manifest.callbacks.pre_revert, "pre-revert")
+    }
+
+    /// Runs the post-revert callback, if any.
+    pub fn post_revert(&self) -> Result<(), KmodError> {
+        self.run_void(&self.module.manifest.callbacks.post_revert, "post-revert")
+    }
+
+    /// Unloads the module (`dlclose`).
+    ///
+    /// # Safety
+    /// No thread may execute, or later call, code of the module: the patch must be reverted
+    /// and every thread seen outside the module's functions and stubs.
+    pub unsafe fn close(self) -> Result<(), KmodError> {
+        // SAFETY: the handle came from dlopen and is closed once (this consumes `self`); the
+        // caller guarantees nothing runs the module's code.
+        let rc = unsafe { libc::dlclose(self.handle.as_ptr()) };
+        if rc != 0 {
+            return Err(KmodError::Dlopen {
+                path: self.module.path.clone(),
+                message: dlerror_message(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_id_from_notes;
+
+    #[test]
+    fn notes_parse_and_refuse_garbage() {
+        let mut n = Vec::new();
+        n.extend_from_slice(&4u32.to_ne_bytes());
+        n.extend_from_slice(&3u32.to_ne_bytes());
+        n.extend_from_slice(&3u32.to_ne_bytes());
+        n.extend_from_slice(b"GNU\0");
+        n.extend_from_slice(&[1, 2, 3, 0]);
+        assert_eq!(build_id_from_notes(&n), Some(vec![1, 2, 3]));
+        n[4] = 200; // descriptor runs past the end
+        assert_eq!(build_id_from_notes(&n), None);
+        assert_eq!(build_id_from_notes(&[0xff; 12]), None);
+    }
+}
