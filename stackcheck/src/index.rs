@@ -1,0 +1,412 @@
+//! The unwind index: every loaded object's code ranges and `.eh_frame_hdr`/`.eh_frame`,
+//! found with `dl_iterate_phdr` and read in place from process memory.
+//!
+//! # Safety
+//! Section data is borrowed from the objects' mappings (no copy, so the index costs a few
+//! hundred bytes per object). The borrow is made while `dl_iterate_phdr` holds the loader
+//! lock, and stays valid while the object stays loaded. An object unloaded by `dlclose`
+//! after the index was built leaves dangling slices: the agent must check
+//! [`UnwindIndex::is_current`] before each attempt and rebuild when objects changed, and a
+//! patch transition must not run while the program unloads libraries it might return into.
+//! Objects loaded at start-up (and any marked `RTLD_NODELETE`) are never unmapped.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use gimli::{BaseAddresses, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, ParsedEhFrameHdr};
+
+use crate::cache::CachePool;
+
+/// The reader type over mapped section bytes.
+pub(crate) type Slice = EndianSlice<'static, LittleEndian>;
+
+const PT_LOAD: u32 = 1;
+const PT_GNU_EH_FRAME: u32 = 0x6474_e550;
+const PF_X: u32 = 1;
+const PF_R: u32 = 4;
+
+/// Why the index could not be built.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// `dl_iterate_phdr` reported no object with code.
+    #[error("dl_iterate_phdr reported no loaded object with executable code; stack checks need at least the main program")]
+    NoObjects,
+}
+
+/// Options for [`UnwindIndex::build_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexOptions {
+    /// How many walk caches to pre-allocate for [`UnwindIndex::walk`]: the number of walks
+    /// that can run at the same time (e.g. signal handlers of different threads). A walk
+    /// that finds none free is [`Unreliable`](crate::UnreliableReason::NoFreeCache).
+    pub cache_slots: usize,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions { cache_slots: 16 }
+    }
+}
+
+/// A snapshot of the loader's object-set counters (`dlpi_adds`, `dlpi_subs`): equal
+/// stamps mean no object was loaded or unloaded in between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ObjectsStamp {
+    /// Objects loaded since start.
+    pub adds: u64,
+    /// Objects unloaded since start.
+    pub subs: u64,
+}
+
+/// What the index knows about one loaded object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The loader's name for it (`""` for the main program, `linux-vdso.so.1` for the vdso).
+    pub name: String,
+    /// Load bias (`dlpi_addr`).
+    pub bias: u64,
+    /// Its executable segments.
+    pub code: Vec<Range<u64>>,
+    /// `.eh_frame_hdr` bytes, 0 when the object has no `PT_GNU_EH_FRAME` (its code then
+    /// always walks as [`NoUnwindInfo`](crate::UnreliableReason::NoUnwindInfo)).
+    pub eh_frame_hdr_len: u64,
+}
+
+/// Parsed unwind sections of one object.
+pub(crate) struct EhData {
+    pub(crate) hdr: ParsedEhFrameHdr<Slice>,
+    pub(crate) eh_frame: EhFrame<Slice>,
+    pub(crate) bases: BaseAddresses,
+}
+
+pub(crate) struct Module {
+    pub(crate) info: ObjectInfo,
+    pub(crate) eh: Option<EhData>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct CodeRange {
+    start: u64,
+    end: u64,
+    module: usize,
+}
+
+static NEXT_INDEX_ID: AtomicU32 = AtomicU32::new(1);
+
+/// Unwind information for every object loaded in this process, built before a transition
+/// and read-only during it. Walks run against it (see [`UnwindIndex::walk`]).
+pub struct UnwindIndex {
+    id: u32,
+    modules: Vec<Module>,
+    code: Vec<CodeRange>,
+    stamp: ObjectsStamp,
+    pub(crate) pool: CachePool,
+}
+
+impl std::fmt::Debug for UnwindIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnwindIndex")
+            .field("id", &self.id)
+            .field("objects", &self.modules.len())
+            .field("stamp", &self.stamp)
+            .finish()
+    }
+}
+
+impl UnwindIndex {
+    /// Indexes every loaded object, with default options. Allocates; not for signal
+    /// handlers.
+    pub fn build() -> Result<UnwindIndex, IndexError> {
+        UnwindIndex::build_with(IndexOptions::default())
+    }
+
+    /// Indexes every loaded object.
+    pub fn build_with(options: IndexOptions) -> Result<UnwindIndex, IndexError> {
+        let mut found = Found::default();
+        iterate_objects(&mut found);
+        let mut code = Vec::new();
+        for (i, m) in found.modules.iter().enumerate() {
+            for r in &m.info.code {
+                code.push(CodeRange {
+                    start: r.start,
+                    end: r.end,
+                    module: i,
+                });
+            }
+        }
+        if code.is_empty() {
+            return Err(IndexError::NoObjects);
+        }
+        code.sort_by_key(|c| c.start);
+        Ok(UnwindIndex {
+            id: NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed).max(1),
+            modules: found.modules,
+            code,
+            stamp: found.stamp,
+            pool: CachePool::new(options.cache_slots),
+        })
+    }
+
+    /// A number unique to this index among those built in this process (cache entries are
+    /// tagged with it, so a [`WalkCache`](crate::WalkCache) can be reused across indexes).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The loader's counters when the index was built.
+    pub fn stamp(&self) -> ObjectsStamp {
+        self.stamp
+    }
+
+    /// `true` if no object was loaded or unloaded since the index was built. Cheap (one
+    /// `dl_iterate_phdr` call that stops at the first object) but takes the loader's lock:
+    /// call it between attempts, never from a signal handler.
+    pub fn is_current(&self) -> bool {
+        objects_stamp() == self.stamp
+    }
+
+    /// The indexed objects.
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectInfo> {
+        self.modules.iter().map(|m| &m.info)
+    }
+
+    /// The object whose code contains `addr`, if any.
+    pub fn object_for(&self, addr: u64) -> Option<&ObjectInfo> {
+        self.module_for(addr).map(|m| &m.info)
+    }
+
+    /// Heap bytes this index holds, walk caches included (section data is not copied and
+    /// not counted).
+    pub fn heap_bytes(&self) -> usize {
+        let modules = self.modules.capacity() * std::mem::size_of::<Module>()
+            + self
+                .modules
+                .iter()
+                .map(|m| m.info.name.capacity() + m.info.code.capacity() * 16)
+                .sum::<usize>();
+        modules + self.code.capacity() * std::mem::size_of::<CodeRange>() + self.pool.heap_bytes()
+    }
+
+    /// The module whose executable code contains `addr`. No allocation.
+    #[inline]
+    pub(crate) fn module_for(&self, addr: u64) -> Option<&Module> {
+        let i = self.code.partition_point(|c| c.start <= addr);
+        let c = self.code.get(i.checked_sub(1)?)?;
+        (addr < c.end).then(|| &self.modules[c.module])
+    }
+}
+
+/// The loader's current object-set counters. Takes the loader's lock; not for signal
+/// handlers.
+pub fn objects_stamp() -> ObjectsStamp {
+    let mut stamp = ObjectsStamp::default();
+    // SAFETY: the callback matches dl_iterate_phdr's contract and only writes through the
+    // data pointer, which is &mut stamp for the duration of the call.
+    unsafe { libc::dl_iterate_phdr(Some(stamp_callback), (&mut stamp as *mut ObjectsStamp).cast()) };
+    stamp
+}
+
+/// Reads the counters from the first object and stops.
+unsafe extern "C" fn stamp_callback(
+    info: *mut libc::dl_phdr_info,
+    size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dl_iterate_phdr passes a valid info of `size` bytes, and data is the
+    // &mut ObjectsStamp given by objects_stamp.
+    unsafe {
+        if let Some(s) = read_stamp(info, size) {
+            *data.cast::<ObjectsStamp>() = s;
+        }
+    }
+    1
+}
+
+/// The counters of `info`, if the loader's struct is new enough to have them.
+///
+/// # Safety
+/// `info` must point to a valid `dl_phdr_info` of `size` bytes.
+unsafe fn read_stamp(info: *const libc::dl_phdr_info, size: usize) -> Option<ObjectsStamp> {
+    let needed = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
+    if size < needed {
+        return None;
+    }
+    // SAFETY: the caller guarantees info is valid and at least `needed` bytes long.
+    let info = unsafe { &*info };
+    Some(ObjectsStamp {
+        adds: info.dlpi_adds,
+        subs: info.dlpi_subs,
+    })
+}
+
+#[derive(Default)]
+struct Found {
+    modules: Vec<Module>,
+    stamp: ObjectsStamp,
+}
+
+fn iterate_objects(found: &mut Found) {
+    // SAFETY: the callback matches dl_iterate_phdr's contract and only uses data as the
+    // &mut Found given here, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(object_callback), (found as *mut Found).cast()) };
+}
+
+/// Records one object. Runs with the loader lock held, so the object cannot be unmapped
+/// while its sections are parsed.
+unsafe extern "C" fn object_callback(
+    info: *mut libc::dl_phdr_info,
+    size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: data is the &mut Found passed by iterate_objects; info is valid for `size`
+    // bytes per dl_iterate_phdr's contract.
+    let (found, info_ref, stamp) = unsafe {
+        (
+            &mut *data.cast::<Found>(),
+            &*info,
+            read_stamp(info, size),
+        )
+    };
+    if found.modules.is_empty() {
+        if let Some(s) = stamp {
+            found.stamp = s;
+        }
+    }
+    // SAFETY: dlpi_phdr points to dlpi_phnum program headers of a loaded object.
+    let phdrs = unsafe { program_headers(info_ref) };
+    // SAFETY: dlpi_name is null or a NUL-terminated string owned by the loader.
+    let name = unsafe { object_name(info_ref) };
+    if let Some(m) = module_from(name, info_ref.dlpi_addr, phdrs) {
+        found.modules.push(m);
+    }
+    0
+}
+
+/// # Safety
+/// `info.dlpi_phdr` must point to `info.dlpi_phnum` valid program headers.
+unsafe fn program_headers(info: &libc::dl_phdr_info) -> &[libc::Elf64_Phdr] {
+    if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
+        return &[];
+    }
+    // SAFETY: per the caller's guarantee.
+    unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+}
+
+/// # Safety
+/// `info.dlpi_name` must be null or a valid NUL-terminated string.
+unsafe fn object_name(info: &libc::dl_phdr_info) -> String {
+    if info.dlpi_name.is_null() {
+        return String::new();
+    }
+    // SAFETY: per the caller's guarantee.
+    unsafe { CStr::from_ptr(info.dlpi_name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Borrows `len` bytes of a loaded object's readable segment at `addr`.
+///
+/// # Safety
+/// `[addr, addr+len)` must lie inside a readable `PT_LOAD` segment of an object that stays
+/// loaded as long as the slice is used (see the module docs).
+unsafe fn mapped(addr: u64, len: u64) -> &'static [u8] {
+    // SAFETY: per the caller's guarantee.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len as usize) }
+}
+
+fn module_from(name: String, bias: u64, phdrs: &[libc::Elf64_Phdr]) -> Option<Module> {
+    let segments: Vec<(Range<u64>, u32)> = phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_LOAD)
+        .filter_map(|p| {
+            let start = bias.checked_add(p.p_vaddr)?;
+            Some((start..start.checked_add(p.p_memsz)?, p.p_flags))
+        })
+        .collect();
+    let code: Vec<Range<u64>> = segments
+        .iter()
+        .filter(|(r, flags)| flags & PF_X != 0 && r.start < r.end)
+        .map(|(r, _)| r.clone())
+        .collect();
+    if code.is_empty() {
+        return None;
+    }
+    // The readable segment holding [addr, addr+len), and its end.
+    let readable_end = |addr: u64, len: u64| -> Option<u64> {
+        segments
+            .iter()
+            .find(|(r, f)| {
+                f & PF_R != 0 && r.start <= addr && addr.checked_add(len).is_some_and(|e| e <= r.end)
+            })
+            .map(|(r, _)| r.end)
+    };
+    let mut eh = None;
+    let mut eh_frame_hdr_len = 0;
+    if let Some(p) = phdrs.iter().find(|p| p.p_type == PT_GNU_EH_FRAME) {
+        let hdr_addr = bias.wrapping_add(p.p_vaddr);
+        if readable_end(hdr_addr, p.p_memsz).is_some() && p.p_memsz >= 4 {
+            eh_frame_hdr_len = p.p_memsz;
+            // SAFETY: the range was just checked to lie inside a readable PT_LOAD segment
+            // of this object, which is loaded (dl_iterate_phdr holds the loader lock).
+            let hdr_bytes = unsafe { mapped(hdr_addr, p.p_memsz) };
+            eh = eh_data(hdr_addr, hdr_bytes, &readable_end);
+        }
+    }
+    Some(Module {
+        info: ObjectInfo {
+            name,
+            bias,
+            code,
+            eh_frame_hdr_len,
+        },
+        eh,
+    })
+}
+
+fn eh_data(
+    hdr_addr: u64,
+    hdr_bytes: &'static [u8],
+    readable_end: &dyn Fn(u64, u64) -> Option<u64>,
+) -> Option<EhData> {
+    let bases = BaseAddresses::default().set_eh_frame_hdr(hdr_addr);
+    let hdr = EhFrameHdr::new(hdr_bytes, LittleEndian).parse(&bases, 8).ok()?;
+    hdr.table()?;
+    let eh_frame_addr = hdr.eh_frame_ptr().direct().ok()?;
+    // .eh_frame's length is not recorded anywhere loaded; it ends at the latest at the end
+    // of its segment, and every lookup starts from an FDE pointer of the hdr table.
+    let end = readable_end(eh_frame_addr, 1)?;
+    // SAFETY: [eh_frame_addr, end) lies inside one readable PT_LOAD segment of this object
+    // (readable_end found it), which is loaded while the index is current.
+    let eh_frame_bytes = unsafe { mapped(eh_frame_addr, end - eh_frame_addr) };
+    let mut eh_frame = EhFrame::new(eh_frame_bytes, LittleEndian);
+    eh_frame.set_address_size(8);
+    Some(EhData {
+        hdr,
+        eh_frame,
+        bases: bases.set_eh_frame(eh_frame_addr),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_main_program_libc_and_vdso() {
+        let index = UnwindIndex::build().unwrap();
+        let here = indexes_main_program_libc_and_vdso as fn() as usize as u64;
+        let main = index.object_for(here).expect("test binary indexed");
+        assert!(main.eh_frame_hdr_len > 0);
+        let libc_fn = libc::getpid as unsafe extern "C" fn() -> libc::pid_t as usize as u64;
+        let libc_obj = index.object_for(libc_fn).expect("libc indexed");
+        assert!(libc_obj.name.contains("libc"), "{}", libc_obj.name);
+        assert!(libc_obj.eh_frame_hdr_len > 0);
+        assert!(index.objects().any(|o| o.name.contains("vdso")));
+        assert!(index.is_current());
+        assert!(index.object_for(0x10).is_none());
+    }
+}
