@@ -1,0 +1,323 @@
+//! The thread sweep: list the process's threads, send each a real-time signal (`tgkill`), run
+//! an action on its interrupted context in the signal handler, and wait until every thread
+//! has run it, exited, or is found blocking the signal, or the deadline passes.
+//!
+//! One facility for the whole of kgpatch: the patcher moves threads out of the bytes it
+//! overwrites with it, and the agent's migration sweep runs its stack check with it.
+//!
+//! # Async-signal safety
+//! The handler allocates nothing, takes no lock, and runs in bounded time: it reads one
+//! atomic pointer to the sweep in force, runs the action, and marks the thread's slot done
+//! (a linear scan of the thread list made before the signals went out). The action must be
+//! async-signal-safe and idempotent (a thread can run it more than once if an old signal
+//! arrives late, or run the action of a later sweep).
+//!
+//! # Safety
+//! A sweep's shared state lives on the stack of [`Sweep::run`]. Handlers reach it through
+//! [`CURRENT`], counted in [`INFLIGHT`]: `run` clears `CURRENT` and waits for `INFLIGHT` to
+//! drop to zero before it returns, so no handler uses the state (or the borrowed action)
+//! after `run` returns. Both sides use `SeqCst`, so a handler either sees the pointer and is
+//! counted, or sees null.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// What a sweep runs in each thread's signal handler, on the thread's interrupted context.
+pub type SweepAction<'a> = &'a (dyn Fn(&mut libc::ucontext_t) + Sync);
+
+struct Slot {
+    tid: i32,
+    done: AtomicBool,
+}
+
+struct Shared<'a> {
+    action: SweepAction<'a>,
+    slots: &'a [Slot],
+}
+
+static CURRENT: AtomicPtr<Shared<'static>> = AtomicPtr::new(std::ptr::null_mut());
+static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
+static RUN_LOCK: Mutex<()> = Mutex::new(());
+/// Bit `n` set: kgpatch's handler is installed for signal `n`.
+static INSTALLED: Mutex<u64> = Mutex::new(0);
+
+/// How a sweep ended, thread by thread (thread ids as the kernel knows them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Threads that ran the action.
+    pub done: Vec<i32>,
+    /// Threads that exited before running it (nothing to do for them).
+    pub exited: Vec<i32>,
+    /// Threads that block the signal: they have not run the action.
+    pub blocked: Vec<i32>,
+    /// Threads that neither ran the action nor block the signal by the deadline.
+    pub timed_out: Vec<i32>,
+}
+
+impl SweepReport {
+    /// `true` when every living thread ran the action.
+    pub fn complete(&self) -> bool {
+        self.blocked.is_empty() && self.timed_out.is_empty()
+    }
+}
+
+/// A thread sweep over one real-time signal.
+#[derive(Debug, Clone, Copy)]
+pub struct Sweep {
+    signal: libc::c_int,
+}
+
+impl Sweep {
+    /// Installs kgpatch's handler for `signal` (once per signal; `SA_RESTART`, so most
+    /// interrupted system calls restart). Fails if the program already has a handler there.
+    pub fn new(signal: libc::c_int) -> Result<Sweep> {
+        if !(1..64).contains(&signal) {
+            return Err(Error::SignalInUse { signal });
+        }
+        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+        if *installed & (1 << signal) == 0 {
+            install_handler(signal)?;
+            *installed |= 1 << signal;
+        }
+        Ok(Sweep { signal })
+    }
+
+    /// The signal this sweep sends.
+    pub fn signal(&self) -> libc::c_int {
+        self.signal
+    }
+
+    /// Runs `action` in every thread of the process except the calling one, and waits up to
+    /// `timeout` for all of them. One sweep runs at a time in the process.
+    pub fn run(&self, action: SweepAction<'_>, timeout: Duration) -> Result<SweepReport> {
+        let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let me = gettid();
+        let pid = std::process::id() as i32;
+        let tids: Vec<i32> = list_threads()?.into_iter().filter(|&t| t != me).collect();
+        let slots: Vec<Slot> = tids
+            .iter()
+            .map(|&tid| Slot {
+                tid,
+                done: AtomicBool::new(false),
+            })
+            .collect();
+        let shared = Shared {
+            action,
+            slots: &slots,
+        };
+        // Lifetimes are erased for the static pointer; `run` does not return before every
+        // handler has let go of it (module docs).
+        CURRENT.store(
+            &shared as *const Shared<'_> as *mut Shared<'static>,
+            Ordering::SeqCst,
+        );
+        let mut report = SweepReport::default();
+        let mut pending: Vec<usize> = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter().enumerate() {
+            if tgkill(pid, slot.tid, self.signal) {
+                pending.push(i);
+            } else {
+                report.exited.push(slot.tid);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let mut next_blocked_check = started + Duration::from_millis(2);
+        loop {
+            pending.retain(|&i| {
+                let slot = &slots[i];
+                if slot.done.load(Ordering::Acquire) {
+                    report.done.push(slot.tid);
+                    false
+                } else {
+                    true
+                }
+            });
+            if pending.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= next_blocked_check || now >= deadline {
+                pending.retain(|&i| {
+                    let tid = slots[i].tid;
+                    match thread_status(tid, self.signal) {
+                        ThreadStatus::Gone => {
+                            report.exited.push(tid);
+                            false
+                        }
+                        ThreadStatus::Blocks => {
+                            report.blocked.push(tid);
+                            false
+                        }
+                        ThreadStatus::Alive => true,
+                    }
+                });
+                next_blocked_check = now + Duration::from_millis(5);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            if now >= deadline {
+                report.timed_out.extend(pending.iter().map(|&i| slots[i].tid));
+                break;
+            }
+            if now - started < Duration::from_micros(200) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        CURRENT.store(std::ptr::null_mut(), Ordering::SeqCst);
+        while INFLIGHT.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        // A slot may have been marked done between the last check and the clear.
+        for list in [&mut report.timed_out] {
+            list.retain(|&tid| {
+                !slots
+                    .iter()
+                    .any(|s| s.tid == tid && s.done.load(Ordering::Acquire))
+            });
+        }
+        for s in &slots {
+            if s.done.load(Ordering::Acquire)
+                && !report.done.contains(&s.tid)
+                && !report.exited.contains(&s.tid)
+            {
+                report.blocked.retain(|&t| t != s.tid);
+                report.done.push(s.tid);
+            }
+        }
+        Ok(report)
+    }
+}
+
+extern "C" fn on_sweep_signal(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    let saved_errno = errno();
+    INFLIGHT.fetch_add(1, Ordering::SeqCst);
+    let shared = CURRENT.load(Ordering::SeqCst);
+    if !shared.is_null() && !ctx.is_null() {
+        // SAFETY: non-null `CURRENT` points at the `Shared` of a `run` that is waiting for
+        // `INFLIGHT` to drop before it frees it (module docs); `ctx` is the kernel's ucontext
+        // for this delivery, exclusively ours for the duration of the handler.
+        let (shared, uc) = unsafe { (&*shared, &mut *(ctx as *mut libc::ucontext_t)) };
+        (shared.action)(uc);
+        let me = gettid();
+        if let Some(slot) = shared.slots.iter().find(|s| s.tid == me) {
+            slot.done.store(true, Ordering::Release);
+        }
+    }
+    INFLIGHT.fetch_sub(1, Ordering::SeqCst);
+    set_errno(saved_errno);
+}
+
+fn install_handler(signal: libc::c_int) -> Result<()> {
+    // SAFETY: a zeroed sigaction is a valid "query" argument; sigaction with a null new
+    // action only reads the current disposition.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a valid out-pointer.
+    if unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } != 0 {
+        return Err(Error::os("sigaction", "reading the sweep signal's handler"));
+    }
+    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != on_sweep_signal as *const () as usize {
+        return Err(Error::SignalInUse { signal });
+    }
+    // SAFETY: zeroed is a valid starting sigaction; the fields are set below.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sweep_signal as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // SAFETY: `act.sa_mask` is a valid sigset to fill.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: `act` is fully initialised and its handler is async-signal-safe.
+    if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
+        return Err(Error::os("sigaction", "installing the sweep signal handler"));
+    }
+    Ok(())
+}
+
+/// The kernel id of the calling thread. Async-signal-safe.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Sends `sig` to thread `tid`; `false` if the thread is gone.
+fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
+    // SAFETY: tgkill only takes integers.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+    r == 0
+}
+
+fn errno() -> libc::c_int {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(value: libc::c_int) {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = value }
+}
+
+/// The ids of every thread of the process, from /proc/self/task.
+pub fn list_threads() -> Result<Vec<i32>> {
+    let dir = fs::read_dir("/proc/self/task").map_err(|source| Error::Os {
+        call: "/proc/self/task",
+        doing: "listing the process's threads",
+        source,
+    })?;
+    let mut tids: Vec<i32> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+enum ThreadStatus {
+    Gone,
+    Blocks,
+    Alive,
+}
+
+fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
+    let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return ThreadStatus::Gone;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+        return ThreadStatus::Gone;
+    }
+    let blocked = field("SigBlk:")
+        .and_then(|m| u64::from_str_radix(m, 16).ok())
+        .unwrap_or(0);
+    if blocked & (1u64 << (signal - 1)) != 0 {
+        ThreadStatus::Blocks
+    } else {
+        ThreadStatus::Alive
+    }
+}
+
+/// Where a thread that is not running stands, from `/proc/self/task/<tid>/syscall`: its
+/// stack pointer and pc when it is blocked in the kernel, `None` while it runs (or when the
+/// kernel does not say).
+pub fn parked_pc(tid: i32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    let last = text.split_whitespace().last()?;
+    if text.trim() == "running" {
+        return None;
+    }
+    u64::from_str_radix(last.trim_start_matches("0x"), 16).ok()
+}

@@ -1,0 +1,667 @@
+//! The patcher: installs patch sites, switches their fast path, removes them, and reclaims
+//! their memory.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kgpatch_universe::{NewSite, Site, Version};
+
+use super::analysis::{analyze_bytes, PadHint, SiteAnalysis, JMP32_LEN};
+use super::encode;
+use super::memory::{self, Pool, Slot};
+use super::text::{CodeWriter, SyncMethod};
+use super::trap;
+use super::unwind::{self, Registered};
+use crate::error::{Error, Refusal, Result};
+use crate::sweep::{self, Sweep, SweepReport};
+use crate::tls;
+
+static ALIVE: AtomicBool = AtomicBool::new(false);
+
+/// How the patcher is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct PatcherConfig {
+    /// The real-time signal of the thread sweep (moving threads out of overwritten bytes,
+    /// checking stub memory is unused). Pick one the program does not use.
+    pub sweep_signal: libc::c_int,
+    /// How long a sweep waits for every thread.
+    pub sweep_timeout: Duration,
+}
+
+impl Default for PatcherConfig {
+    fn default() -> Self {
+        PatcherConfig {
+            sweep_signal: libc::SIGRTMAX() - 8,
+            sweep_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A patch site as the rest of kgpatch sees it. `Copy`: the memory it points to is never
+/// unmapped.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteHandle {
+    entry: u64,
+    site: &'static Site,
+    original: Version,
+    stub: u64,
+}
+
+impl SiteHandle {
+    /// The patched function's entry (the universe's `SiteKey`).
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+    /// The site words the stub reads (for [`kgpatch_universe::Universe`]).
+    pub fn site(&self) -> &'static Site {
+        self.site
+    }
+    /// The original version: the trampoline.
+    pub fn original(&self) -> Version {
+        self.original
+    }
+    /// The redirect stub's address.
+    pub fn stub(&self) -> u64 {
+        self.stub
+    }
+    /// The site as the universe takes it.
+    pub fn new_site(&self) -> NewSite<&'static Site> {
+        NewSite {
+            key: self.entry,
+            site: self.site,
+            original: self.original,
+        }
+    }
+}
+
+/// What a code range of kgpatch holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// A redirect stub (and its fast-path thunk).
+    Stub,
+    /// A trampoline to an original version.
+    Trampoline,
+}
+
+/// A range of code kgpatch generated. A pc inside one counts as busy for migration: the
+/// stub may already have read the thread's old universe word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// The site's entry.
+    pub entry: u64,
+    /// Stub or trampoline.
+    pub kind: CodeKind,
+    /// `false` once the site was removed (memory not yet reclaimed).
+    pub live: bool,
+}
+
+/// Counters, for tests and diagnostics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Threads moved out of overwritten bytes into a trampoline.
+    pub moved: u64,
+    /// Traps on our int3 that were sent on.
+    pub traps_sent_on: u64,
+    /// Late traps re-executed.
+    pub traps_reexecuted: u64,
+    /// Sites installed, ever.
+    pub installed: u64,
+    /// Slots reclaimed, ever.
+    pub reclaimed: u64,
+}
+
+struct Record {
+    analysis: SiteAnalysis,
+    slot: Slot,
+    handle: SiteHandle,
+    tramp_len: u64,
+    unwind: Registered,
+}
+
+struct Retired {
+    slot: Slot,
+    entry: u64,
+    tramp_len: u64,
+    _unwind: Registered,
+}
+
+struct Inner {
+    pool: Pool,
+    sites: BTreeMap<u64, Record>,
+    retired: Vec<Retired>,
+    installed: u64,
+    reclaimed: u64,
+}
+
+/// Installs and removes patch sites. One per process.
+pub struct Patcher {
+    config: PatcherConfig,
+    tls_offset: i32,
+    writer: CodeWriter,
+    moved: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Patcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patcher")
+            .field("tls_offset", &self.tls_offset)
+            .field("sync", &self.writer.method())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The original pc in the overwritten bytes → where its copy is in the trampoline.
+pub fn moved_pc(pc: u64, patch_point: u64, len: u64, tramp: u64, map: &[(u64, u64)]) -> Option<u64> {
+    if pc < patch_point || pc >= patch_point + len {
+        return None;
+    }
+    map.iter()
+        .find(|&&(o, _)| patch_point + o == pc)
+        .map(|&(_, t)| tramp + t)
+}
+
+impl Patcher {
+    /// Sets up patching in this process: checks the TLS slot, installs the SIGTRAP and sweep
+    /// handlers, checks that /proc/self/mem accepts code writes, and registers for
+    /// membarrier core serialisation.
+    pub fn new(config: PatcherConfig) -> Result<Patcher> {
+        if ALIVE.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyExists);
+        }
+        let made = Self::make(config);
+        if made.is_err() {
+            ALIVE.store(false, Ordering::SeqCst);
+        }
+        made
+    }
+
+    fn make(config: PatcherConfig) -> Result<Patcher> {
+        let tls_offset = tls::checked_offset()?;
+        let sweep = Sweep::new(config.sweep_signal)?;
+        trap::install()?;
+        let probe = tls::offset_in_this_thread as *const () as u64;
+        let writer = CodeWriter::new(sweep, config.sweep_timeout, probe)?;
+        Ok(Patcher {
+            config,
+            tls_offset,
+            writer,
+            moved: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                pool: Pool::default(),
+                sites: BTreeMap::new(),
+                retired: Vec::new(),
+                installed: 0,
+                reclaimed: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The universe word's offset from `%fs`.
+    pub fn tls_offset(&self) -> i32 {
+        self.tls_offset
+    }
+
+    /// How code writes are made visible to every core.
+    pub fn sync_method(&self) -> SyncMethod {
+        self.writer.method()
+    }
+
+    /// The thread sweep (the agent reuses it for migration).
+    pub fn sweep(&self) -> &Sweep {
+        self.writer.sweep()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PatcherConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let inner = self.lock();
+        Stats {
+            moved: self.moved.load(Ordering::Relaxed),
+            traps_sent_on: trap::TRAP_COUNTS[0].load(Ordering::Relaxed),
+            traps_reexecuted: trap::TRAP_COUNTS[1].load(Ordering::Relaxed),
+            installed: inner.installed,
+            reclaimed: inner.reclaimed,
+        }
+    }
+
+    /// Decides where the site of the function at `entry` (`size` bytes, from its symbol)
+    /// goes, or why it cannot have one.
+    pub fn analyze(&self, entry: u64, size: u64, pad: PadHint) -> Result<SiteAnalysis> {
+        if self.lock().sites.contains_key(&entry) {
+            return Err(Error::AlreadyInstalled { entry });
+        }
+        let code = self
+            .writer
+            .read(entry, size as usize)
+            .map_err(|_| Refusal::Undecodable { ip: entry })?;
+        let before = [16u64, 5]
+            .iter()
+            .find_map(|&n| self.writer.read(entry.checked_sub(n)?, n as usize).ok())
+            .unwrap_or_default();
+        Ok(analyze_bytes(entry, &code, &before, pad)?)
+    }
+
+    /// Installs the site: the stub in place, steady at the original version (the
+    /// trampoline), threads inside the overwritten bytes moved to the trampoline.
+    pub fn install(&self, a: &SiteAnalysis) -> Result<SiteHandle> {
+        let mut inner = self.lock();
+        let entry = a.entry;
+        if inner.sites.contains_key(&entry) {
+            return Err(Error::AlreadyInstalled { entry });
+        }
+        let p = a.patch_point;
+        let ovl = a.original.len() as u64;
+        let now = self.writer.read(p, a.original.len()).ok();
+        let pad_now = a
+            .pad_jump
+            .and_then(|j| self.writer.read(j, JMP32_LEN).ok());
+        if now.as_deref() != Some(&a.original[..])
+            || (a.pad_jump.is_some() && pad_now.as_deref() != Some(&a.pad_original[..]))
+        {
+            return Err(Error::Stale { entry });
+        }
+        let mut reach = a.reach.clone();
+        reach.extend(a.pad_jump);
+        let slot = inner.pool.alloc(&reach)?;
+        let built = self.build(a, &slot);
+        let (tramp, stub) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                inner.pool.free(&slot);
+                return Err(e);
+            }
+        };
+        let tramp_addr = slot.code + memory::TRAMPOLINE;
+        inner.pool.write_code(&slot, memory::STUB, &stub);
+        inner.pool.write_code(&slot, memory::TRAMPOLINE, &tramp.code);
+        let thunk = encode::jmp_through(slot.code + memory::THUNK, slot.data + memory::THUNK_TARGET)
+            .map_err(|e| Error::Encode {
+                entry,
+                message: e.to_string(),
+            })?;
+        inner.pool.write_code(&slot, memory::THUNK, &thunk);
+        let site = init_site(&slot, Version(tramp_addr));
+        let stub_addr = slot.code + memory::STUB;
+
+        let offsets: Vec<u64> = tramp
+            .map
+            .iter()
+            .map(|&(_, t)| t)
+            .chain(std::iter::once(tramp.jump_back))
+            .collect();
+        let unwind = Registered::new(&[
+            unwind::Range {
+                start: stub_addr,
+                len: memory::TRAMPOLINE,
+                steps: Vec::new(),
+            },
+            unwind::Range {
+                start: tramp_addr,
+                len: tramp.code.len() as u64,
+                steps: unwind::trampoline_steps(&a.instructions, &offsets),
+            },
+        ]);
+        trap::register(p, stub_addr)?;
+        if let Some(j) = a.pad_jump {
+            trap::register(j, stub_addr)?;
+        }
+        let handle = SiteHandle {
+            entry,
+            site,
+            original: Version(tramp_addr),
+            stub: stub_addr,
+        };
+
+        let result = self.write_site(a, &slot, stub_addr, tramp_addr, &tramp.map);
+        match result {
+            Ok(()) => {
+                inner.installed += 1;
+                inner.sites.insert(
+                    entry,
+                    Record {
+                        analysis: a.clone(),
+                        slot,
+                        handle,
+                        tramp_len: tramp.code.len() as u64,
+                        unwind,
+                    },
+                );
+                Ok(handle)
+            }
+            Err(e) => {
+                // Threads may have trapped into the stub meanwhile: reclaim it later.
+                let _ = ovl;
+                inner.retired.push(Retired {
+                    slot,
+                    entry,
+                    tramp_len: tramp.code.len() as u64,
+                    _unwind: unwind,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&self, a: &SiteAnalysis, slot: &Slot) -> Result<(encode::Trampoline, Vec<u8>)> {
+        let entry = a.entry;
+        let p = a.patch_point;
+        let tramp_addr = slot.code + memory::TRAMPOLINE;
+        let tramp = encode::trampoline(&a.instructions, p, tramp_addr, p + a.original.len() as u64)
+            .map_err(|e| {
+                match a
+                    .instructions
+                    .iter()
+                    .find(|i| i.is_ip_rel_memory_operand())
+                {
+                    Some(i) => Error::Refused(Refusal::RipRelativeOutOfRange {
+                        ip: i.ip(),
+                        target: i.ip_rel_memory_address(),
+                    }),
+                    None => Error::Encode {
+                        entry,
+                        message: e.to_string(),
+                    },
+                }
+            })?;
+        if tramp.code.len() as u64 > memory::CODE_SLOT - memory::TRAMPOLINE {
+            return Err(Error::Encode {
+                entry,
+                message: format!("trampoline of {} bytes does not fit its slot", tramp.code.len()),
+            });
+        }
+        let stub = encode::stub(slot.code + memory::STUB, slot.data, self.tls_offset).map_err(
+            |e| Error::Encode {
+                entry,
+                message: e.to_string(),
+            },
+        )?;
+        if stub.len() as u64 > memory::THUNK {
+            return Err(Error::Encode {
+                entry,
+                message: format!("stub of {} bytes does not fit its slot", stub.len()),
+            });
+        }
+        Ok((tramp, stub))
+    }
+
+    /// Writes the jump(s) of a fresh site, moving threads out of the overwritten bytes.
+    fn write_site(
+        &self,
+        a: &SiteAnalysis,
+        _slot: &Slot,
+        stub: u64,
+        tramp: u64,
+        map: &[(u64, u64)],
+    ) -> Result<()> {
+        let p = a.patch_point;
+        let ovl = a.original.len() as u64;
+        let entry_jump: Vec<u8> = match a.pad_jump {
+            Some(j) => {
+                let long = encode::jmp32(j, stub).ok_or(Error::NoMemoryNearSite { site: p })?;
+                // Nothing executes the pad (it is before the entry): a plain write will do.
+                self.writer.write(j, &long)?;
+                self.writer.sync()?;
+                encode::jmp8(p, j)
+                    .ok_or(Error::NoMemoryNearSite { site: p })?
+                    .to_vec()
+            }
+            None => encode::jmp32(p, stub)
+                .ok_or(Error::NoMemoryNearSite { site: p })?
+                .to_vec(),
+        };
+        let moved = AtomicUsize::new(0);
+        let result = self.writer.rewrite(p, a.original[0], &entry_jump, || {
+            let action = |uc: &mut libc::ucontext_t| {
+                let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
+                if let Some(to) = moved_pc(*rip as u64, p, ovl, tramp, map) {
+                    *rip = to as i64;
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            let report = self.writer.sweep().run(&action, self.config.sweep_timeout)?;
+            self.check_unreached(&report, |pc| (p..p + ovl).contains(&pc), "moving threads out of the bytes a patch site overwrites")
+        });
+        self.moved
+            .fetch_add(moved.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
+        if result.is_err() {
+            if let Some(j) = a.pad_jump {
+                self.writer.write(j, &a.pad_original)?;
+                self.writer.sync()?;
+            }
+        }
+        result
+    }
+
+    /// Threads a sweep did not reach are fine only if they are parked in the kernel at a pc
+    /// that `busy` rejects.
+    fn check_unreached(
+        &self,
+        report: &SweepReport,
+        busy: impl Fn(u64) -> bool,
+        why: &'static str,
+    ) -> Result<()> {
+        let stuck: Vec<i32> = report
+            .blocked
+            .iter()
+            .chain(&report.timed_out)
+            .copied()
+            .filter(|&tid| sweep::parked_pc(tid).is_none_or(&busy))
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::ThreadsUnreachable {
+                signal: self.writer.sweep().signal(),
+                tids: stuck,
+                why,
+            })
+        }
+    }
+
+    /// Points the site's entry straight at `version` (the zero-check fast path), or back at
+    /// the stub with `None`. The site must be steady at `version`; call this with `None`
+    /// before beginning a transition on the site.
+    pub fn set_fast_path(&self, entry: u64, version: Option<Version>) -> Result<()> {
+        let inner = self.lock();
+        let rec = inner.sites.get(&entry).ok_or(Error::NotInstalled { entry })?;
+        if let Some(v) = version {
+            if rec.handle.site.steady_version() != Some(v) {
+                return Err(Error::WrongState {
+                    entry,
+                    what: "is not steady at that version: finish the transition first",
+                });
+            }
+        }
+        let at = rec.analysis.pad_jump.unwrap_or(rec.analysis.patch_point);
+        let target = version.map_or(rec.handle.stub, |v| v.0);
+        let bytes = match encode::jmp32(at, target) {
+            Some(b) => b,
+            None => {
+                let word = rec.slot.data_rw + memory::THUNK_TARGET;
+                // SAFETY: the thunk's target word lies in this slot's RW data view, mapped
+                // for the life of the process; it is an aligned u64 read by the thunk's
+                // 64-bit load, so an atomic store keeps it whole.
+                let atomic = unsafe { &*(word as *const AtomicU64) };
+                atomic.store(target, Ordering::Release);
+                encode::jmp32(at, rec.slot.code + memory::THUNK)
+                    .ok_or(Error::NoMemoryNearSite { site: at })?
+            }
+        };
+        let current = self.writer.read(at, 5).map_err(|source| Error::Os {
+            call: "pread(/proc/self/mem)",
+            doing: "reading a patch site",
+            source,
+        })?;
+        if current[..] == bytes[..] {
+            return Ok(());
+        }
+        self.writer.rewrite(at, current[0], &bytes, || Ok(()))
+    }
+
+    /// Removes the site at `entry`, restoring the function's original bytes exactly. The site
+    /// must be steady at its original version. Its memory is reclaimed later by
+    /// [`Patcher::reclaim`].
+    pub fn remove(&self, entry: u64) -> Result<()> {
+        let mut inner = self.lock();
+        let rec = inner.sites.get(&entry).ok_or(Error::NotInstalled { entry })?;
+        if rec.handle.site.steady_version() != Some(rec.handle.original) {
+            return Err(Error::WrongState {
+                entry,
+                what: "is not steady at its original version: revert its patches first",
+            });
+        }
+        let a = &rec.analysis;
+        let p = a.patch_point;
+        let current = self.writer.read(p, a.jump_len).map_err(|source| Error::Os {
+            call: "pread(/proc/self/mem)",
+            doing: "reading a patch site",
+            source,
+        })?;
+        self.writer
+            .rewrite(p, current[0], &a.original[..a.jump_len], || Ok(()))?;
+        if let Some(j) = a.pad_jump {
+            let current = self.writer.read(j, JMP32_LEN).map_err(|source| Error::Os {
+                call: "pread(/proc/self/mem)",
+                doing: "reading a patch site",
+                source,
+            })?;
+            self.writer.rewrite(j, current[0], &a.pad_original, || Ok(()))?;
+            trap::register(j, 0)?;
+        }
+        trap::register(p, 0)?;
+        let rec = inner.sites.remove(&entry).expect("checked above");
+        inner.retired.push(Retired {
+            slot: rec.slot,
+            entry,
+            tramp_len: rec.tramp_len,
+            _unwind: rec.unwind,
+        });
+        Ok(())
+    }
+
+    /// Frees the memory of removed sites once a sweep saw every thread outside it. Returns
+    /// how many slots were freed (0 if some thread was still inside, or unreachable).
+    pub fn reclaim(&self) -> Result<usize> {
+        let mut inner = self.lock();
+        if inner.retired.is_empty() {
+            return Ok(0);
+        }
+        let ranges: Vec<(u64, u64)> = inner
+            .retired
+            .iter()
+            .map(|r| (r.slot.code, r.slot.code + memory::CODE_SLOT))
+            .collect();
+        let inside = |pc: u64| ranges.iter().any(|&(s, e)| (s..e).contains(&pc));
+        let busy = AtomicBool::new(false);
+        let action = |uc: &mut libc::ucontext_t| {
+            if inside(uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64) {
+                busy.store(true, Ordering::Relaxed);
+            }
+        };
+        let report = self.writer.sweep().run(&action, self.config.sweep_timeout)?;
+        if busy.load(Ordering::Relaxed)
+            || self
+                .check_unreached(&report, inside, "checking stub memory is unused")
+                .is_err()
+        {
+            return Ok(0);
+        }
+        let retired = std::mem::take(&mut inner.retired);
+        let n = retired.len();
+        for r in retired {
+            inner.pool.free(&r.slot);
+            // Dropping `r` deregisters its unwind info.
+        }
+        inner.reclaimed += n as u64;
+        Ok(n)
+    }
+
+    /// The handle of the site at `entry`.
+    pub fn site(&self, entry: u64) -> Option<SiteHandle> {
+        self.lock().sites.get(&entry).map(|r| r.handle)
+    }
+
+    /// Every range of code kgpatch generated that a thread may be in: live sites' stubs and
+    /// trampolines, and those of removed sites not yet reclaimed.
+    pub fn code_ranges(&self) -> Vec<CodeRange> {
+        let inner = self.lock();
+        let live = inner
+            .sites
+            .values()
+            .map(|r| (r.slot, r.handle.entry, r.tramp_len, true));
+        let dead = inner
+            .retired
+            .iter()
+            .map(|r| (r.slot, r.entry, r.tramp_len, false));
+        live.chain(dead)
+            .flat_map(|(slot, entry, tramp_len, live)| {
+                [
+                    CodeRange {
+                        start: slot.code + memory::STUB,
+                        end: slot.code + memory::TRAMPOLINE,
+                        entry,
+                        kind: CodeKind::Stub,
+                        live,
+                    },
+                    CodeRange {
+                        start: slot.code + memory::TRAMPOLINE,
+                        end: slot.code + memory::TRAMPOLINE + tramp_len,
+                        entry,
+                        kind: CodeKind::Trampoline,
+                        live,
+                    },
+                ]
+            })
+            .collect()
+    }
+}
+
+impl Drop for Patcher {
+    fn drop(&mut self) {
+        ALIVE.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Writes fresh site words into a slot no thread reads yet, and returns them.
+fn init_site(slot: &Slot, original: Version) -> &'static Site {
+    let ptr = slot.data_rw as *mut Site;
+    // SAFETY: the slot's data lies in the RW view, mapped for the life of the process,
+    // aligned (32-byte slots in a page-aligned mapping) and large enough for a `Site` (24
+    // bytes); no thread reads it yet (fresh or reclaimed slot), so the plain write races
+    // with nobody. `Site` is made of atomics, so shared references to it are sound forever.
+    unsafe {
+        ptr.write(Site::new_steady(original));
+        (*(slot.data_rw as *mut u64).add(3)) = 0;
+        &*ptr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moved_pc_maps_instruction_starts_only() {
+        let map = [(0, 0), (1, 1), (3, 7)];
+        assert_eq!(moved_pc(0x100, 0x100, 5, 0x9000, &map), Some(0x9000));
+        assert_eq!(moved_pc(0x103, 0x100, 5, 0x9000, &map), Some(0x9007));
+        assert_eq!(moved_pc(0x102, 0x100, 5, 0x9000, &map), None);
+        assert_eq!(moved_pc(0x105, 0x100, 5, 0x9000, &map), None);
+        assert_eq!(moved_pc(0xff, 0x100, 5, 0x9000, &map), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! Writing code other threads may be running: through `/proc/self/mem` (which writes through
+//! read-only mappings without changing their protections, so no thread ever finds its page
+//! non-executable), with the int3 cross-modifying-code protocol and core serialisation.
+//!
+//! Serialisation uses membarrier `PRIVATE_EXPEDITED_SYNC_CORE` (registered once). On kernels
+//! without it, a thread sweep does the same job: every thread runs a signal handler and
+//! returns from it through `rt_sigreturn`, which leaves the kernel by `iret`, a serialising
+//! instruction; that is slower (a signal per thread per step) but correct.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::sweep::{Sweep, SweepAction};
+
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+/// How cores are made to see new code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMethod {
+    /// membarrier `PRIVATE_EXPEDITED_SYNC_CORE`.
+    Membarrier,
+    /// A signal sweep (kernels without the membarrier command).
+    Sweep,
+}
+
+/// Writes code and serialises cores.
+#[derive(Debug)]
+pub struct CodeWriter {
+    mem: File,
+    method: SyncMethod,
+    sweep: Sweep,
+    timeout: Duration,
+}
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes integers only.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
+}
+
+impl CodeWriter {
+    /// Opens /proc/self/mem, checks that it accepts writes to code, and registers for
+    /// membarrier core serialisation where the kernel offers it.
+    pub fn new(sweep: Sweep, timeout: Duration, probe: u64) -> Result<CodeWriter> {
+        let mem = File::options()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|source| Error::Os {
+                call: "open(/proc/self/mem)",
+                doing: "opening the process's memory to write code",
+                source,
+            })?;
+        // Write one byte of read-only code back onto itself: the kernel tells now whether
+        // it allows code writes through /proc/self/mem.
+        let mut byte = [0u8; 1];
+        mem.read_exact_at(&mut byte, probe)
+            .map_err(|source| Error::ProcMemRefused { source })?;
+        mem.write_all_at(&byte, probe)
+            .map_err(|source| Error::ProcMemRefused { source })?;
+        let supported = membarrier(MEMBARRIER_CMD_QUERY);
+        let method = if supported > 0
+            && supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE as libc::c_long != 0
+            && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0
+        {
+            SyncMethod::Membarrier
+        } else {
+            SyncMethod::Sweep
+        };
+        Ok(CodeWriter {
+            mem,
+            method,
+            sweep,
+            timeout,
+        })
+    }
+
+    /// How cores are serialised.
+    pub fn method(&self) -> SyncMethod {
+        self.method
+    }
+
+    /// The sweep this writer uses.
+    pub fn sweep(&self) -> &Sweep {
+        &self.sweep
+    }
+
+    /// Reads `len` bytes at `addr`; fails (instead of faulting) when they are not mapped.
+    pub fn read(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_exact_at(&mut buf, addr)?;
+        Ok(buf)
+    }
+
+    /// Writes `bytes` at `addr` without touching protections.
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        self.mem
+            .write_all_at(bytes, addr)
+            .map_err(|source| Error::Os {
+                call: "pwrite(/proc/self/mem)",
+                doing: "writing code",
+                source,
+            })
+    }
+
+    /// Makes every core of every thread of the process serialise its instruction stream.
+    pub fn sync(&self) -> Result<()> {
+        match self.method {
+            SyncMethod::Membarrier => {
+                if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
+                    return Err(Error::os("membarrier", "serialising cores after a code write"));
+                }
+                Ok(())
+            }
+            SyncMethod::Sweep => {
+                let nothing: SweepAction<'_> = &|_| {};
+                let report = self.sweep.run(nothing, self.timeout)?;
+                if !report.complete() {
+                    return Err(Error::ThreadsUnreachable {
+                        signal: self.sweep.signal(),
+                        tids: report.blocked.into_iter().chain(report.timed_out).collect(),
+                        why: "serialising cores without membarrier",
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Replaces the instruction(s) at `addr` (currently whole instructions starting at
+    /// `addr`, at least `new.len()` bytes) by `new`, while other threads may execute there:
+    /// int3 on the first byte, sync, `between` (e.g. moving threads out), write the tail,
+    /// sync, write the first byte, sync. A thread hitting the int3 meanwhile is sent on by
+    /// the SIGTRAP handler (the caller registered the address). If `between` fails, the first
+    /// byte is put back and nothing else changed.
+    pub fn rewrite(
+        &self,
+        addr: u64,
+        old_first: u8,
+        new: &[u8],
+        between: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        self.write(addr, &[0xCC])?;
+        self.sync()?;
+        if let Err(e) = between() {
+            self.write(addr, &[old_first])?;
+            self.sync()?;
+            return Err(e);
+        }
+        if new.len() > 1 {
+            self.write(addr + 1, &new[1..])?;
+            self.sync()?;
+        }
+        self.write(addr, &new[..1])?;
+        self.sync()
+    }
+}

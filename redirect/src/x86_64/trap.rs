@@ -1,0 +1,166 @@
+//! The SIGTRAP handler: sends a thread that hit one of kgpatch's int3 bytes on to a place
+//! equivalent to the instruction being rewritten, re-executes the instruction when the int3
+//! is already gone (a late trap), and hands every other trap to the handler the program had.
+//!
+//! # Async-signal safety
+//! The handler reads a fixed table of atomics (no allocation, no lock, bounded scan), one
+//! byte of code, and the saved previous disposition (written once before the handler is
+//! installed).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// How many distinct addresses the table can follow.
+pub const MAX_TRAP_SITES: usize = 4096;
+
+const INT3: u8 = 0xCC;
+/// `si_code` of a trap raised by an `int3` instruction.
+const SI_KERNEL: i32 = 0x80;
+
+struct TrapSlot {
+    /// The address of a byte where kgpatch puts int3 (0 = free).
+    addr: AtomicU64,
+    /// Where a thread that traps there goes (0 = nowhere: re-execute).
+    dest: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: TrapSlot = TrapSlot {
+    addr: AtomicU64::new(0),
+    dest: AtomicU64::new(0),
+};
+static TABLE: [TrapSlot; MAX_TRAP_SITES] = [FREE; MAX_TRAP_SITES];
+static USED: AtomicUsize = AtomicUsize::new(0);
+static REGISTER_LOCK: Mutex<()> = Mutex::new(());
+
+static PREV_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
+static PREV_FLAGS: AtomicUsize = AtomicUsize::new(0);
+static INSTALLED: Mutex<bool> = Mutex::new(false);
+
+/// Counts traps taken, for tests and diagnostics: `[sent on, re-executed, chained]`.
+pub static TRAP_COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Installs the handler once, keeping the previous one to chain to.
+pub fn install() -> Result<()> {
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return Ok(());
+    }
+    // SAFETY: zeroed is a valid sigaction to receive the old disposition.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: query only; `old` is a valid out-pointer.
+    if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) } != 0 {
+        return Err(Error::os("sigaction", "reading the SIGTRAP handler"));
+    }
+    PREV_HANDLER.store(old.sa_sigaction, Ordering::SeqCst);
+    PREV_FLAGS.store(old.sa_flags as usize, Ordering::SeqCst);
+    // SAFETY: zeroed is a valid starting sigaction.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_sigtrap as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // SAFETY: `act.sa_mask` is a valid sigset.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: `act` is initialised; the handler is async-signal-safe.
+    if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
+        return Err(Error::os("sigaction", "installing the SIGTRAP handler"));
+    }
+    *installed = true;
+    Ok(())
+}
+
+/// Follows traps at `addr` from now on, sending threads to `dest`. Reuses the slot of an
+/// address already followed.
+pub fn register(addr: u64, dest: u64) -> Result<()> {
+    let _guard = REGISTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let used = USED.load(Ordering::Acquire);
+    if let Some(slot) = TABLE[..used]
+        .iter()
+        .find(|s| s.addr.load(Ordering::Relaxed) == addr)
+    {
+        slot.dest.store(dest, Ordering::SeqCst);
+        return Ok(());
+    }
+    if used == MAX_TRAP_SITES {
+        return Err(Error::TooManySites {
+            max: MAX_TRAP_SITES,
+        });
+    }
+    TABLE[used].dest.store(dest, Ordering::SeqCst);
+    TABLE[used].addr.store(addr, Ordering::SeqCst);
+    USED.store(used + 1, Ordering::SeqCst);
+    Ok(())
+}
+
+extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if !info.is_null() && !ctx.is_null() {
+        // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler,
+        // ours alone for the duration of the handler.
+        let (code, uc) = unsafe { ((*info).si_code, &mut *(ctx as *mut libc::ucontext_t)) };
+        if code == SI_KERNEL && redirect(uc) {
+            return;
+        }
+    }
+    chain(sig, info, ctx);
+}
+
+/// Acts on a trap at one of our addresses; `false` if the trap is not ours.
+fn redirect(uc: &mut libc::ucontext_t) -> bool {
+    let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    let at = rip.wrapping_sub(1);
+    let used = USED.load(Ordering::Acquire);
+    let Some(slot) = TABLE[..used]
+        .iter()
+        .find(|s| s.addr.load(Ordering::Acquire) == at)
+    else {
+        return false;
+    };
+    // SAFETY: `at` is the address of code the thread just executed (it trapped on the byte
+    // before `rip`), so it is mapped and readable; the read is volatile because another
+    // thread rewrites it.
+    let byte = unsafe { std::ptr::read_volatile(at as *const u8) };
+    let dest = slot.dest.load(Ordering::Acquire);
+    if byte == INT3 && dest != 0 {
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] = dest as i64;
+        TRAP_COUNTS[0].fetch_add(1, Ordering::Relaxed);
+    } else {
+        // The int3 is gone: run whatever is there now.
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] = at as i64;
+        TRAP_COUNTS[1].fetch_add(1, Ordering::Relaxed);
+    }
+    true
+}
+
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    TRAP_COUNTS[2].fetch_add(1, Ordering::Relaxed);
+    let prev = PREV_HANDLER.load(Ordering::SeqCst);
+    let flags = PREV_FLAGS.load(Ordering::SeqCst) as libc::c_int;
+    if prev == libc::SIG_IGN {
+        return;
+    }
+    if prev == libc::SIG_DFL {
+        // Restore the default action and raise again: the signal is blocked while this
+        // handler runs, so it is delivered (and kills the process with a core, as it would
+        // have without kgpatch) as soon as the handler returns.
+        // SAFETY: zeroed is a valid sigaction; setting SIG_DFL and raising are
+        // async-signal-safe.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            libc::raise(sig);
+        }
+        return;
+    }
+    if flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the program installed this address as an SA_SIGINFO handler.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(prev) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: the program installed this address as a plain handler.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev) };
+        f(sig);
+    }
+}
