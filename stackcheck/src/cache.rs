@@ -120,7 +120,12 @@ impl WalkCache {
     /// row borrowed from the context can be stored while the row is alive.
     #[inline]
     pub(crate) fn parts(&mut self) -> (&mut UnwindContext<usize, FixedStorage>, RuleSink<'_>) {
-        (&mut self.ctx, RuleSink { rules: &mut self.rules })
+        (
+            &mut self.ctx,
+            RuleSink {
+                rules: &mut self.rules,
+            },
+        )
     }
 }
 

@@ -206,7 +206,12 @@ pub fn objects_stamp() -> ObjectsStamp {
     let mut stamp = ObjectsStamp::default();
     // SAFETY: the callback matches dl_iterate_phdr's contract and only writes through the
     // data pointer, which is &mut stamp for the duration of the call.
-    unsafe { libc::dl_iterate_phdr(Some(stamp_callback), (&mut stamp as *mut ObjectsStamp).cast()) };
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(stamp_callback),
+            (&mut stamp as *mut ObjectsStamp).cast(),
+        )
+    };
     stamp
 }
 
@@ -264,13 +269,8 @@ unsafe extern "C" fn object_callback(
 ) -> libc::c_int {
     // SAFETY: data is the &mut Found passed by iterate_objects; info is valid for `size`
     // bytes per dl_iterate_phdr's contract.
-    let (found, info_ref, stamp) = unsafe {
-        (
-            &mut *data.cast::<Found>(),
-            &*info,
-            read_stamp(info, size),
-        )
-    };
+    let (found, info_ref, stamp) =
+        unsafe { (&mut *data.cast::<Found>(), &*info, read_stamp(info, size)) };
     if found.modules.is_empty() {
         if let Some(s) = stamp {
             found.stamp = s;
@@ -340,7 +340,9 @@ fn module_from(name: String, bias: u64, phdrs: &[libc::Elf64_Phdr]) -> Option<Mo
         segments
             .iter()
             .find(|(r, f)| {
-                f & PF_R != 0 && r.start <= addr && addr.checked_add(len).is_some_and(|e| e <= r.end)
+                f & PF_R != 0
+                    && r.start <= addr
+                    && addr.checked_add(len).is_some_and(|e| e <= r.end)
             })
             .map(|(r, _)| r.end)
     };
@@ -373,7 +375,9 @@ fn eh_data(
     readable_end: &dyn Fn(u64, u64) -> Option<u64>,
 ) -> Option<EhData> {
     let bases = BaseAddresses::default().set_eh_frame_hdr(hdr_addr);
-    let hdr = EhFrameHdr::new(hdr_bytes, LittleEndian).parse(&bases, 8).ok()?;
+    let hdr = EhFrameHdr::new(hdr_bytes, LittleEndian)
+        .parse(&bases, 8)
+        .ok()?;
     hdr.table()?;
     let eh_frame_addr = hdr.eh_frame_ptr().direct().ok()?;
     // .eh_frame's length is not recorded anywhere loaded; it ends at the latest at the end

@@ -128,7 +128,11 @@ mod tests {
     fn refuses_overlap_and_empty() {
         assert!(matches!(
             BusyRanges::from_pairs([(0x100..0x200, 1), (0x1ff..0x300, 2)]),
-            Err(RangesError::Overlap { a: 1, b: 2, at: 0x1ff })
+            Err(RangesError::Overlap {
+                a: 1,
+                b: 2,
+                at: 0x1ff
+            })
         ));
         assert!(matches!(
             BusyRanges::from_pairs([(0x100..0x100, 7)]),

@@ -72,7 +72,8 @@ pub(crate) const RBP: u16 = 6;
 /// Registers a callee preserves (SysV ABI), rsp aside.
 pub(crate) const CALLEE_SAVED: [u16; 6] = [3, 6, 12, 13, 14, 15];
 /// Bit mask of [`CALLEE_SAVED`].
-pub(crate) const CALLEE_SAVED_MASK: u32 = (1 << 3) | (1 << 6) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15);
+pub(crate) const CALLEE_SAVED_MASK: u32 =
+    (1 << 3) | (1 << 6) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15);
 
 /// A register context: rip, rsp and rbp always; the others when known. Fill it from the
 /// signal's `ucontext_t` ([`Regs::from_ucontext`]) or by hand ([`Regs::new`] then
@@ -202,14 +203,22 @@ mod tests {
         let local = 0u64;
         let mut raw = [0; 4];
         capture_caller(&mut raw);
-        (Regs::from_capture(&raw), core::hint::black_box(&local) as *const u64 as u64)
+        (
+            Regs::from_capture(&raw),
+            core::hint::black_box(&local) as *const u64 as u64,
+        )
     }
 
     #[test]
     fn capture_gives_a_pc_in_the_caller_and_a_stack_pointer_near_its_locals() {
         let (r, local) = captured();
         let f = captured as fn() -> (Regs, u64) as usize as u64;
-        assert!(r.rip() > f && r.rip() < f + 4096, "rip {:#x} fn {:#x}", r.rip(), f);
+        assert!(
+            r.rip() > f && r.rip() < f + 4096,
+            "rip {:#x} fn {:#x}",
+            r.rip(),
+            f
+        );
         assert!(r.rsp() <= local && local - r.rsp() < 4096);
     }
 }

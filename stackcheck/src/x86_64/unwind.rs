@@ -92,7 +92,9 @@ impl FastRule {
 
 /// `o` as an i16 offset that is not one of the sentinels.
 fn small(o: i64) -> Option<i16> {
-    i16::try_from(o).ok().filter(|v| *v != SAME && *v != UNKNOWN)
+    i16::try_from(o)
+        .ok()
+        .filter(|v| *v != SAME && *v != UNKNOWN)
 }
 
 /// What one step found.
@@ -185,7 +187,14 @@ fn exec_fast<M: StackReader>(rule: FastRule, regs: &mut Regs, mem: &mut M) -> Re
 
 /// Checks progress and commits the caller's registers.
 #[inline]
-fn finish(regs: &mut Regs, mut next: Regs, sp: u64, ra: u64, old_sp: u64, exact: bool) -> Res<Step> {
+fn finish(
+    regs: &mut Regs,
+    mut next: Regs,
+    sp: u64,
+    ra: u64,
+    old_sp: u64,
+    exact: bool,
+) -> Res<Step> {
     if sp <= old_sp {
         return Err(Why::StackDidNotAdvance);
     }

@@ -1,0 +1,7 @@
+//! Integration tests of kgpatch-stackcheck: real threads parked in known call chains and
+//! walked from a signal handler running on them, fake stacks, and a property test.
+
+mod fuzz;
+mod live;
+mod support;
+mod synthetic;
