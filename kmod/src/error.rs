@@ -228,6 +228,14 @@ pub enum KmodError {
         /// `dlerror()`.
         message: String,
     },
+    /// `dlclose` failed.
+    #[error("dlclose of {} failed: {message}", path.display())]
+    Dlclose {
+        /// Module file.
+        path: PathBuf,
+        /// `dlerror()`.
+        message: String,
+    },
     /// The mapped manifest differs from the file's.
     #[error("the .kgpatch section mapped from {} differs from the file read before dlopen; the file changed while loading, or a constructor of the module wrote into its manifest", path.display())]
     ModuleChanged {

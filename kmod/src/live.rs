@@ -312,6 +312,13 @@ impl Loaded {
             .wrapping_add(self.module.function_export(symbol, role)?))
     }
 
+    /// Runtime address of a function the module exports.
+    pub fn function_address(&self, symbol: &str) -> Result<u64, KmodError> {
+        Ok(self
+            .bias
+            .wrapping_add(self.module.function_export(symbol, "function")?))
+    }
+
     /// Runs the pre-apply callback, if any. A nonzero return is a veto.
     pub fn pre_apply(&self) -> Result<(), KmodError> {
         let Some(symbol) = &self.module.manifest.callbacks.pre_apply else {
@@ -380,7 +387,7 @@ impl Loaded {
         // caller guarantees nothing runs the module's code.
         let rc = unsafe { libc::dlclose(self.handle.as_ptr()) };
         if rc != 0 {
-            return Err(KmodError::Dlopen {
+            return Err(KmodError::Dlclose {
                 path: self.module.path.clone(),
                 message: dlerror_message(),
             });

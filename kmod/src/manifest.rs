@@ -114,7 +114,7 @@ pub struct FunctionEntry {
 }
 
 /// What kind of symbol a reference may bind to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefKind {
     /// A function or a variable.

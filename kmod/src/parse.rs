@@ -371,7 +371,8 @@ fn spec(name: &str, file: &str, index: u32) -> SymbolSpec {
     }
 }
 
-/// Splits `blob` into exactly `count` NUL-terminated UTF-8 strings followed only by zeros.
+/// Splits `blob` into exactly `count` NUL-terminated UTF-8 strings followed by fewer than 8
+/// zero bytes.
 fn split_strings(blob: &[u8], count: usize) -> Option<Vec<&str>> {
     let mut out = Vec::with_capacity(count);
     let mut rest = blob;
@@ -380,7 +381,8 @@ fn split_strings(blob: &[u8], count: usize) -> Option<Vec<&str>> {
         out.push(core::str::from_utf8(&rest[..nul]).ok()?);
         rest = &rest[nul + 1..];
     }
-    rest.iter().all(|&b| b == 0).then_some(out)
+    // Only the padding to the next 8-byte boundary may follow.
+    (rest.len() < 8 && rest.iter().all(|&b| b == 0)).then_some(out)
 }
 
 fn parse_hex(s: &str) -> Option<BuildId> {

@@ -1,0 +1,187 @@
+//! A C patch module against the fixture library loaded in this process: inspect, open,
+//! resolve, call the new function through filled slots, callbacks, close.
+
+use std::process::Command;
+
+use kgpatch_kmod::{inspect, Loaded, RefKind, ResolveOptions, SymbolTable, TargetKind};
+
+use crate::common::{c_module, fixture_fn, load_fixture_lib};
+
+/// `(file, name, value, size)` of every symbol, from `readelf -sW` (an independent reading
+/// of the symbol table to check ours against).
+pub fn readelf_symbols(path: &std::path::Path) -> Vec<(Option<String>, String, u64, u64)> {
+    let out = Command::new("readelf")
+        .args(["-sW", "--dyn-syms"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut file = None;
+    let mut syms = Vec::new();
+    let mut in_symtab = false;
+    for line in text.lines() {
+        if line.starts_with("Symbol table") {
+            in_symtab = line.contains(".symtab");
+            file = None;
+            continue;
+        }
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 8 || !cols[0].ends_with(':') || cols[0] == "Num:" {
+            continue;
+        }
+        let name = cols[7].split('@').next().unwrap().to_owned();
+        if cols[3] == "FILE" {
+            file = Some(name);
+            continue;
+        }
+        let value = u64::from_str_radix(cols[1], 16).unwrap();
+        let size = cols[2].parse().unwrap_or(0);
+        let f = if in_symtab && cols[4] == "LOCAL" {
+            file.clone()
+        } else {
+            None
+        };
+        syms.push((f, name, value, size));
+    }
+    syms
+}
+
+pub fn link_value(path: &std::path::Path, name: &str, file: Option<&str>) -> u64 {
+    let all = readelf_symbols(path);
+    let found: Vec<_> = all
+        .iter()
+        .filter(|(f, n, _, _)| n == name && (file.is_none() || f.as_deref() == file))
+        .collect();
+    assert!(!found.is_empty(), "{name} not in readelf output");
+    found[0].2
+}
+
+/// Load bias of the fixture library, from dlsym and readelf (not from kmod).
+pub fn fixture_bias() -> u64 {
+    let f = load_fixture_lib();
+    let addr = fixture_fn("kgfix_set_scale") as usize as u64;
+    addr - link_value(&f.lib, "kgfix_set_scale", None)
+}
+
+#[test]
+fn inspect_reads_the_c_manifest_without_loading_it() {
+    let path = c_module("GOOD", &[]);
+    let m = inspect(&path).unwrap();
+    assert_eq!(m.name, "c-fix");
+    assert_eq!(m.version, "1.0");
+    assert_eq!(
+        m.target.kind,
+        TargetKind::Library {
+            soname: "libkgfix.so.1".into()
+        }
+    );
+    assert_eq!(m.functions.len(), 1);
+    assert_eq!(m.functions[0].old.name, "compute");
+    assert_eq!(m.functions[0].old.file.as_deref(), Some("target_a.c"));
+    assert_eq!(m.functions[0].new_symbol, "kgfix_c_new_compute");
+    let f = crate::common::fixtures();
+    assert_eq!(m.functions[0].expected_size, Some(f.compute.size));
+    assert_eq!(m.functions[0].checksum, f.compute.checksum);
+    let mut refs: Vec<_> = m
+        .references
+        .iter()
+        .map(|r| (r.symbol.name.as_str(), r.symbol.file.as_deref(), r.kind))
+        .collect();
+    refs.sort();
+    assert_eq!(
+        refs,
+        [
+            ("helper", Some("target_b.c"), RefKind::Function),
+            ("kgfix_counter", None, RefKind::Variable),
+            ("scale", Some("target_a.c"), RefKind::Any),
+        ]
+    );
+    assert_eq!(m.callbacks.pre_apply.as_deref(), Some("kgfix_c_pre_apply"));
+    assert_eq!(m.callbacks.post_apply.as_deref(), Some("kgfix_c_post_apply"));
+    assert!(m.to_string().contains("`compute` in target_a.c -> `kgfix_c_new_compute`"));
+}
+
+#[test]
+fn resolves_fills_slots_and_the_new_function_works() {
+    let f = load_fixture_lib();
+    let path = c_module("GOOD", &[]);
+    // SAFETY: our fixture module has no constructors.
+    let mut loaded = unsafe { Loaded::open(&path) }.unwrap();
+    assert_eq!(loaded.slot_values(), vec![0, 0, 0]);
+    let resolved = loaded.resolve(ResolveOptions::default()).unwrap().clone();
+    assert_eq!(resolved.table, SymbolTable::Symtab);
+    assert_eq!(resolved.target_file, f.lib);
+
+    let bias = fixture_bias();
+    assert_eq!(resolved.target_bias, bias);
+    let func = &resolved.functions[0];
+    assert_eq!(
+        func.old_address,
+        bias + link_value(&f.lib, "compute", Some("target_a.c"))
+    );
+    assert_eq!(func.old_size, f.compute.size);
+    assert_eq!(func.old_file.as_deref(), Some("target_a.c"));
+
+    // Every slot holds the runtime address of its symbol.
+    let values = loaded.slot_values();
+    for (slot, value) in resolved.slots.iter().zip(&values) {
+        assert_eq!(slot.value, *value);
+        let want = bias + link_value(&f.lib, &slot.symbol.name, slot.symbol.file.as_deref());
+        assert_eq!(*value, want, "{}", slot.symbol);
+    }
+
+    // new compute(x) = helper_b(x) * scale = (7x - 2) * 3; the original is 2x + 1 + 3.
+    // SAFETY: kgfix_c_new_compute is `int f(int)` and its slots are filled.
+    let new: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(func.new_address) };
+    assert_eq!(new(5), 99);
+    assert_eq!(new(1), 15);
+    // the target itself is untouched
+    assert_eq!(fixture_fn("kgfix_api_b")(5), 33);
+    // SAFETY: nothing of the module is patched in or running.
+    unsafe { loaded.close() }.unwrap();
+}
+
+#[test]
+fn callbacks_run_after_resolve_and_pre_apply_can_veto() {
+    let _guard = crate::COUNTER_LOCK.lock().unwrap();
+    load_fixture_lib();
+    let path = c_module("GOOD", &[]);
+    // SAFETY: no constructors.
+    let mut loaded = unsafe { Loaded::open(&path) }.unwrap();
+    // Callbacks may read slots, so they refuse to run before resolve.
+    assert!(matches!(
+        loaded.pre_apply(),
+        Err(kgpatch_kmod::KmodError::NotResolved { .. })
+    ));
+    loaded.resolve(ResolveOptions::default()).unwrap();
+    loaded.pre_apply().unwrap();
+
+    let counter = loaded.slot_values()[loaded
+        .manifest()
+        .references
+        .iter()
+        .position(|r| r.symbol.name == "kgfix_counter")
+        .unwrap()] as *mut i32;
+    // SAFETY: the slot points at the fixture's `int kgfix_counter`; COUNTER_LOCK serializes
+    // the tests that touch it.
+    let saved = unsafe { counter.read_volatile() };
+    unsafe { counter.write_volatile(-4) };
+    let err = loaded.pre_apply().unwrap_err();
+    unsafe { counter.write_volatile(saved) };
+    let msg = err.to_string();
+    assert!(
+        matches!(err, kgpatch_kmod::KmodError::Vetoed { code: 7, .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("counter is negative (-4)"), "{msg}");
+
+    let applied = loaded.function_address("kgfix_c_applied").unwrap();
+    // SAFETY: `int kgfix_c_applied(void)` of the open module.
+    let applied: extern "C" fn() -> i32 = unsafe { std::mem::transmute(applied) };
+    assert_eq!(applied(), 0);
+    loaded.post_apply().unwrap();
+    assert_eq!(applied(), 1);
+    loaded.pre_revert().unwrap(); // none declared: a no-op
+    // SAFETY: module not patched in.
+    unsafe { loaded.close() }.unwrap();
+}
