@@ -300,10 +300,15 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
         return ThreadStatus::Gone;
     }
-    let blocked = field("SigBlk:")
-        .and_then(|m| u64::from_str_radix(m, 16).ok())
-        .unwrap_or(0);
-    if blocked & (1u64 << (signal - 1)) != 0 {
+    let mask = |name: &str| {
+        field(name)
+            .and_then(|m| u64::from_str_radix(m, 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = 1u64 << (signal - 1);
+    // Blocked and still pending: the thread has not taken it. (Blocked but not pending is a
+    // thread running our handler right now: the signal is masked during its own handler.)
+    if mask("SigBlk:") & bit != 0 && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0 {
         ThreadStatus::Blocks
     } else {
         ThreadStatus::Alive

@@ -455,13 +455,25 @@ impl Patcher {
         busy: impl Fn(u64) -> bool,
         why: &'static str,
     ) -> Result<()> {
-        let stuck: Vec<i32> = report
+        let mut stuck: Vec<i32> = report
             .blocked
             .iter()
             .chain(&report.timed_out)
             .copied()
-            .filter(|&tid| sweep::parked_pc(tid).is_none_or(&busy))
             .collect();
+        // A thread that blocks the signal is usually parked in the kernel (sigwait, futex,
+        // epoll): its pc is then known. If it is running, look again for a while.
+        let deadline = std::time::Instant::now() + self.config.sweep_timeout;
+        loop {
+            stuck.retain(|&tid| {
+                sweep::parked_pc(tid).is_none_or(&busy)
+                    && std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+            });
+            if stuck.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if stuck.is_empty() {
             Ok(())
         } else {

@@ -1,0 +1,10 @@
+//! Integration tests of kgpatch-redirect: real machine code, real threads.
+
+mod common;
+
+mod cxx;
+mod differential;
+mod hammer;
+mod install;
+mod probe;
+mod sweep;
