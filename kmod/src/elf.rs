@@ -175,7 +175,10 @@ pub(crate) fn read_target(
     let cache = open(path)?;
     let elf = parse(path, &cache)?;
     let e = elf.endian();
-    let build_id = elf.build_id().map_err(|err| bad(path, err))?.map(<[u8]>::to_vec);
+    let build_id = elf
+        .build_id()
+        .map_err(|err| bad(path, err))?
+        .map(<[u8]>::to_vec);
     let (table, syms) = if elf.elf_symbol_table().is_empty() {
         (SymbolTable::Dynsym, elf.elf_dynamic_symbol_table())
     } else {
@@ -246,12 +249,10 @@ pub(crate) fn soname(path: &Path) -> Result<Option<String>, KmodError> {
                 path: path.to_owned(),
                 reason: "DT_SONAME offset out of range".into(),
             })?;
-            let name = strings
-                .get(offset)
-                .map_err(|()| KmodError::NotElf {
-                    path: path.to_owned(),
-                    reason: "DT_SONAME offset out of range".into(),
-                })?;
+            let name = strings.get(offset).map_err(|()| KmodError::NotElf {
+                path: path.to_owned(),
+                reason: "DT_SONAME offset out of range".into(),
+            })?;
             return Ok(Some(String::from_utf8_lossy(name).into_owned()));
         }
     }
@@ -296,11 +297,11 @@ impl ModuleFile {
                 reason: "not a shared object (ET_DYN)".into(),
             });
         }
-        let section = elf
-            .section_by_name(raw::SECTION_NAME)
-            .ok_or_else(|| KmodError::NoManifest {
-                path: path.to_owned(),
-            })?;
+        let section =
+            elf.section_by_name(raw::SECTION_NAME)
+                .ok_or_else(|| KmodError::NoManifest {
+                    path: path.to_owned(),
+                })?;
         let size = section.size();
         if size > raw::MAX_SECTION_SIZE {
             return Err(KmodError::BadManifest {
@@ -320,8 +321,7 @@ impl ModuleFile {
         let in_rw_load = loads.iter().any(|s| {
             s.flags & elf::PF_W != 0 && s.file_offset(vaddr, bytes.len() as u64).is_some()
         });
-        if header.sh_type(e) != elf::SHT_PROGBITS || !writable || !in_rw_load || vaddr % 8 != 0
-        {
+        if header.sh_type(e) != elf::SHT_PROGBITS || !writable || !in_rw_load || vaddr % 8 != 0 {
             return Err(KmodError::ManifestNotLoadable {
                 path: path.to_owned(),
             });

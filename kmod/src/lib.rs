@@ -68,8 +68,7 @@ pub use encode::encode_manifest;
 pub use error::{Candidate, KmodError};
 pub use live::{loaded_objects, Loaded};
 pub use manifest::{
-    BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target,
-    TargetKind,
+    BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target, TargetKind,
 };
 pub use parse::{parse_manifest, ManifestError};
 pub use resolve::{

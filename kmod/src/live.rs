@@ -86,8 +86,7 @@ unsafe extern "C" fn collect(
         let inside = phdrs.iter().any(|l| {
             l.p_type == PT_LOAD
                 && note.p_vaddr >= l.p_vaddr
-                && note.p_vaddr.checked_add(note.p_memsz)
-                    <= l.p_vaddr.checked_add(l.p_filesz)
+                && note.p_vaddr.checked_add(note.p_memsz) <= l.p_vaddr.checked_add(l.p_filesz)
         });
         if !inside || note.p_memsz > 1 << 20 {
             continue;
@@ -142,7 +141,9 @@ fn dlerror_message() -> String {
         "unknown error".to_owned()
     } else {
         // SAFETY: non-null `dlerror` result, see above.
-        unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -173,11 +174,10 @@ impl Loaded {
     pub unsafe fn open(path: impl AsRef<Path>) -> Result<Loaded, KmodError> {
         let path = path.as_ref();
         let module = ModuleFile::read(path)?;
-        let cpath =
-            CString::new(path.as_os_str().as_bytes()).map_err(|_| KmodError::Dlopen {
-                path: path.to_owned(),
-                message: "the path contains a NUL byte".into(),
-            })?;
+        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| KmodError::Dlopen {
+            path: path.to_owned(),
+            message: "the path contains a NUL byte".into(),
+        })?;
         // A relative path without '/' would make dlopen search the library path.
         let cpath = if path.as_os_str().as_bytes().contains(&b'/') {
             cpath

@@ -4,8 +4,7 @@
 
 use crate::cast::read_at;
 use crate::manifest::{
-    BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target,
-    TargetKind,
+    BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target, TargetKind,
 };
 use crate::raw::{self, RawCallback, RawRef, RawReplace, RawTarget, RecordHeader};
 
@@ -89,7 +88,9 @@ pub enum ManifestError {
     #[error("the manifest has no target record; declare the target with KGPATCH_TARGET_EXE/KGPATCH_TARGET_LIB (C) or in patch_module! (Rust)")]
     MissingTarget,
     /// Two records of a kind that must be unique.
-    #[error("the manifest has a second {what} record at offset {offset:#x}; declare it once per module")]
+    #[error(
+        "the manifest has a second {what} record at offset {offset:#x}; declare it once per module"
+    )]
     Duplicate {
         /// Record offset of the second one.
         offset: usize,
@@ -117,7 +118,9 @@ pub enum ManifestError {
         offset: usize,
     },
     /// Unknown reference kind.
-    #[error("the reference record at offset {offset:#x} has an unknown kind {kind}; rebuild the module")]
+    #[error(
+        "the reference record at offset {offset:#x} has an unknown kind {kind}; rebuild the module"
+    )]
     BadRefKind {
         /// Record offset.
         offset: usize,
@@ -131,7 +134,9 @@ pub enum ManifestError {
         offset: usize,
     },
     /// Unknown callback role.
-    #[error("the callback record at offset {offset:#x} has an unknown role {which}; rebuild the module")]
+    #[error(
+        "the callback record at offset {offset:#x} has an unknown role {which}; rebuild the module"
+    )]
     BadCallback {
         /// Record offset.
         offset: usize,
@@ -202,7 +207,9 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
         }
         let fixed_end = HEADER + raw::FIXED_SIZE[kind];
         let size = h.size as usize;
-        if h.size % 8 != 0 || size < fixed_end + raw::STRING_COUNT[kind] || h.size > raw::MAX_RECORD_SIZE
+        if h.size % 8 != 0
+            || size < fixed_end + raw::STRING_COUNT[kind]
+            || h.size > raw::MAX_RECORD_SIZE
         {
             return Err(ManifestError::BadSize {
                 offset,

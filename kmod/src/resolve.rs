@@ -232,11 +232,7 @@ enum Lookup<'a> {
     Missing,
 }
 
-fn lookup<'a>(
-    info: &'a TargetInfo,
-    spec: &SymbolSpec,
-    bias: u64,
-) -> Result<Lookup<'a>, KmodError> {
+fn lookup<'a>(info: &'a TargetInfo, spec: &SymbolSpec, bias: u64) -> Result<Lookup<'a>, KmodError> {
     if spec.file.is_some() && info.table == SymbolTable::Dynsym {
         return Err(KmodError::NeedsSymtab {
             symbol: spec.clone(),
@@ -284,11 +280,14 @@ pub fn find_target<'a>(
     objects: &'a [LoadedObject],
 ) -> Result<&'a LoadedObject, KmodError> {
     match &manifest.target.kind {
-        TargetKind::Executable => objects.iter().find(|o| o.is_main).ok_or_else(|| {
-            KmodError::TargetNotLoaded {
-                target: "the executable".into(),
-            }
-        }),
+        TargetKind::Executable => {
+            objects
+                .iter()
+                .find(|o| o.is_main)
+                .ok_or_else(|| KmodError::TargetNotLoaded {
+                    target: "the executable".into(),
+                })
+        }
         TargetKind::Library { soname: want } => {
             let libs = || objects.iter().filter(|o| !o.is_main && !o.name.is_empty());
             if let Some(o) = libs().find(|o| {
@@ -447,12 +446,12 @@ pub fn resolve_against(
                 })
             }
         };
-        let ok = match (r.kind, sym.kind) {
-            (RefKind::Function | RefKind::Any, SymKind::Function) => true,
-            (RefKind::Variable | RefKind::Any, SymKind::Variable) => true,
-            (RefKind::Any, SymKind::NoType) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (r.kind, sym.kind),
+            (RefKind::Function | RefKind::Any, SymKind::Function)
+                | (RefKind::Variable | RefKind::Any, SymKind::Variable)
+                | (RefKind::Any, SymKind::NoType)
+        );
         if !ok {
             return Err(KmodError::WrongKind {
                 symbol: spec.clone(),

@@ -97,8 +97,13 @@ fn inspect_reads_the_c_manifest_without_loading_it() {
         ]
     );
     assert_eq!(m.callbacks.pre_apply.as_deref(), Some("kgfix_c_pre_apply"));
-    assert_eq!(m.callbacks.post_apply.as_deref(), Some("kgfix_c_post_apply"));
-    assert!(m.to_string().contains("`compute` in target_a.c -> `kgfix_c_new_compute`"));
+    assert_eq!(
+        m.callbacks.post_apply.as_deref(),
+        Some("kgfix_c_post_apply")
+    );
+    assert!(m
+        .to_string()
+        .contains("`compute` in target_a.c -> `kgfix_c_new_compute`"));
 }
 
 #[test]
@@ -165,8 +170,10 @@ fn callbacks_run_after_resolve_and_pre_apply_can_veto() {
     // SAFETY: the slot points at the fixture's `int kgfix_counter`; COUNTER_LOCK serializes
     // the tests that touch it.
     let saved = unsafe { counter.read_volatile() };
+    // SAFETY: as above.
     unsafe { counter.write_volatile(-4) };
     let err = loaded.pre_apply().unwrap_err();
+    // SAFETY: as above.
     unsafe { counter.write_volatile(saved) };
     let msg = err.to_string();
     assert!(
@@ -182,6 +189,6 @@ fn callbacks_run_after_resolve_and_pre_apply_can_veto() {
     loaded.post_apply().unwrap();
     assert_eq!(applied(), 1);
     loaded.pre_revert().unwrap(); // none declared: a no-op
-    // SAFETY: module not patched in.
+                                  // SAFETY: module not patched in.
     unsafe { loaded.close() }.unwrap();
 }

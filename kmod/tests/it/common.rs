@@ -56,7 +56,11 @@ pub fn fixtures() -> &'static Fixtures {
         let a = fixture_src("target_a.c");
         let b = fixture_src("target_b.c");
         let main = fixture_src("target_main.c");
-        let (a, b, main) = (a.to_str().unwrap(), b.to_str().unwrap(), main.to_str().unwrap());
+        let (a, b, main) = (
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            main.to_str().unwrap(),
+        );
         let common = ["-O1", "-g", "-Wall", "-Wl,--build-id"];
         let lib = dir.join("libkgfix.so.1");
         let mut args = common.to_vec();
@@ -79,7 +83,10 @@ pub fn fixtures() -> &'static Fixtures {
         let found = describe_symbol(&lib, "compute", Some("target_a.c")).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         let compute = found[0].clone();
-        let lib_build_id = file_build_id(&lib).unwrap().expect("gcc --build-id").to_string();
+        let lib_build_id = file_build_id(&lib)
+            .unwrap()
+            .expect("gcc --build-id")
+            .to_string();
         Fixtures {
             dir,
             lib,
@@ -215,7 +222,11 @@ pub fn rust_module() -> &'static Path {
             cmd.output().unwrap()
         };
         let out = build(true);
-        let out = if out.status.success() { out } else { build(false) };
+        let out = if out.status.success() {
+            out
+        } else {
+            build(false)
+        };
         assert!(
             out.status.success(),
             "building the Rust patch module failed:\n{}",

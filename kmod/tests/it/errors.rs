@@ -41,7 +41,11 @@ fn open_err(path: &Path) -> KmodError {
 
 /// `(file offset, size)` of `.kgpatch`, from `readelf -SW`.
 fn section_offset(path: &Path) -> (usize, usize) {
-    let out = Command::new("readelf").arg("-SW").arg(path).output().unwrap();
+    let out = Command::new("readelf")
+        .arg("-SW")
+        .arg(path)
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     let line = text.lines().find(|l| l.contains(".kgpatch")).unwrap();
     let cols: Vec<&str> = line.split(']').nth(1).unwrap().split_whitespace().collect();
@@ -88,7 +92,10 @@ fn future_format_version() {
         matches!(
             err,
             KmodError::BadManifest {
-                source: ManifestError::UnsupportedVersion { found: 2, supported: 1 },
+                source: ManifestError::UnsupportedVersion {
+                    found: 2,
+                    supported: 1
+                },
                 ..
             }
         ),
@@ -199,7 +206,13 @@ fn wrong_build_id() {
     // SAFETY: no constructors.
     let mut loaded = unsafe { Loaded::open(&p) }.unwrap();
     assert_eq!(
-        loaded.manifest().target.build_id.as_ref().unwrap().to_string(),
+        loaded
+            .manifest()
+            .target
+            .build_id
+            .as_ref()
+            .unwrap()
+            .to_string(),
         fixtures().lib_build_id
     );
     loaded.resolve(ResolveOptions::default()).unwrap();

@@ -93,8 +93,8 @@ fn stripped_executable_has_only_exported_symbols() {
     assert!(describe_symbol(exe, "compute", None).unwrap().is_empty());
     let module = module_for(&f.exe_pie, "STRIPPED_LOCAL");
     let objects = [main_object(exe, 0x5555_0000_0000)];
-    let err = resolve_against(&module, MODULE_BIAS, &objects, ResolveOptions::default())
-        .unwrap_err();
+    let err =
+        resolve_against(&module, MODULE_BIAS, &objects, ResolveOptions::default()).unwrap_err();
     assert!(matches!(err, KmodError::NeedsSymtab { .. }), "{err}");
 
     // Exported functions and variables resolve from .dynsym (-rdynamic).
@@ -128,8 +128,7 @@ fn replaced_file_is_refused() {
     let module = module_for(&f.exe_pie, "PIE");
     let mut obj = main_object(&f.exe_pie, 0x5555_5555_4000);
     obj.build_id = Some(vec![1, 2, 3, 4]);
-    let err = resolve_against(&module, MODULE_BIAS, &[obj], ResolveOptions::default())
-        .unwrap_err();
+    let err = resolve_against(&module, MODULE_BIAS, &[obj], ResolveOptions::default()).unwrap_err();
     assert!(matches!(err, KmodError::FileNotLoadedImage { .. }), "{err}");
     // and a library target is not the executable
     let lib_module = ModuleFile::read(crate::common::c_module("GOOD", &[])).unwrap();
@@ -186,7 +185,10 @@ pub static KGTEST_EXE_VALUE: std::sync::atomic::AtomicI32 = std::sync::atomic::A
 #[test]
 fn live_executable_is_the_test_binary() {
     assert_eq!(std::hint::black_box(kgtest_exe_target)(1), 2);
-    assert_eq!(KGTEST_EXE_VALUE.load(std::sync::atomic::Ordering::Relaxed), 7);
+    assert_eq!(
+        KGTEST_EXE_VALUE.load(std::sync::atomic::Ordering::Relaxed),
+        7
+    );
     let d = describe_symbol("/proc/self/exe", "kgtest_exe_target", None).unwrap();
     assert_eq!(d.len(), 1, "{d:?}");
     let p = c_module_from(
@@ -198,7 +200,10 @@ fn live_executable_is_the_test_binary() {
     // SAFETY: no constructors.
     let mut loaded = unsafe { Loaded::open(&p) }.unwrap();
     let r = loaded.resolve(ResolveOptions::default()).unwrap().clone();
-    assert_eq!(r.functions[0].old_address, kgtest_exe_target as *const () as usize as u64);
+    assert_eq!(
+        r.functions[0].old_address,
+        kgtest_exe_target as *const () as usize as u64
+    );
     let value_slot = r
         .slots
         .iter()

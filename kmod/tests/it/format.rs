@@ -122,9 +122,17 @@ fn each_defect_has_its_own_error() {
         let msg = err.to_string();
         assert!(!msg.contains('\n') && msg.len() > 30, "{msg}");
     };
-    check(&|b| b[0] = b'X', &|e| matches!(e, ManifestError::BadMagic { offset: 0 }));
+    check(&|b| b[0] = b'X', &|e| {
+        matches!(e, ManifestError::BadMagic { offset: 0 })
+    });
     check(&|b| set_u16(b, 4, 2), &|e| {
-        matches!(e, ManifestError::UnsupportedVersion { found: 2, supported: 1 })
+        matches!(
+            e,
+            ManifestError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            }
+        )
     });
     check(&|b| set_u16(b, 6, 77), &|e| {
         matches!(e, ManifestError::UnknownKind { kind: 77, .. })
@@ -201,9 +209,15 @@ fn each_defect_has_its_own_error() {
         &|e| matches!(e, ManifestError::DuplicateFunction { .. }),
     );
     // Stray bytes after the last record.
-    check(&|b| b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), &|e| {
-        matches!(e, ManifestError::StrayBytes { .. } | ManifestError::Truncated { .. })
-    });
+    check(
+        &|b| b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        &|e| {
+            matches!(
+                e,
+                ManifestError::StrayBytes { .. } | ManifestError::Truncated { .. }
+            )
+        },
+    );
     // Missing records.
     assert_eq!(parse_manifest(&[]), Err(ManifestError::MissingModule));
     assert_eq!(
@@ -218,13 +232,19 @@ fn empty_names_are_refused() {
     m.name.clear();
     assert!(matches!(
         parse_manifest(&encode_manifest(&m)),
-        Err(ManifestError::EmptyField { field: "patch name", .. })
+        Err(ManifestError::EmptyField {
+            field: "patch name",
+            ..
+        })
     ));
     let mut m = sample();
     m.functions[0].new_symbol.clear();
     assert!(matches!(
         parse_manifest(&encode_manifest(&m)),
-        Err(ManifestError::EmptyField { field: "new symbol", .. })
+        Err(ManifestError::EmptyField {
+            field: "new symbol",
+            ..
+        })
     ));
 }
 
@@ -233,9 +253,18 @@ fn display_and_json() {
     let m = sample();
     let text = m.to_string();
     assert!(text.contains("patch fix 1.2"), "{text}");
-    assert!(text.contains("library libfoo.so.1 (build-id deadbeef)"), "{text}");
-    assert!(text.contains("`parse` in parse.c #1 -> `new_parse`  size 42"), "{text}");
-    assert!(text.contains("size unchecked, checksum unchecked"), "{text}");
+    assert!(
+        text.contains("library libfoo.so.1 (build-id deadbeef)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`parse` in parse.c #1 -> `new_parse`  size 42"),
+        "{text}"
+    );
+    assert!(
+        text.contains("size unchecked, checksum unchecked"),
+        "{text}"
+    );
     assert!(text.contains("pre-apply: `check`"), "{text}");
     let json: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
     assert_eq!(json["target"]["kind"], "library");

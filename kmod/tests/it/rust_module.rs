@@ -41,7 +41,10 @@ fn rust_module_inspects_resolves_and_runs() {
             bias + link_value(&f.lib, &slot.symbol.name, slot.symbol.file.as_deref())
         );
     }
-    assert_eq!(loaded.slot_values(), r.slots.iter().map(|s| s.value).collect::<Vec<_>>());
+    assert_eq!(
+        loaded.slot_values(),
+        r.slots.iter().map(|s| s.value).collect::<Vec<_>>()
+    );
     // new compute(x) = helper_b(x) * scale + 1000
     // SAFETY: `extern "C" fn(i32) -> i32`, slots filled.
     let new: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(r.functions[0].new_address) };
@@ -62,7 +65,9 @@ fn rust_module_inspects_resolves_and_runs() {
     // SAFETY: the fixture's `int kgfix_counter`; COUNTER_LOCK serializes its users.
     let before = unsafe { counter.read_volatile() };
     loaded.post_revert().unwrap();
-    assert_eq!(unsafe { counter.read_volatile() }, before + 1);
+    // SAFETY: as above.
+    let after = unsafe { counter.read_volatile() };
+    assert_eq!(after, before + 1);
     // SAFETY: the module is not patched in.
     unsafe { loaded.close() }.unwrap();
     let _ = fixtures();
