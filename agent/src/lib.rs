@@ -1,11 +1,71 @@
-//! The in-process runtime: control socket, transition driver, migration signal handling.
+//! The in-process runtime of kgpatch: control socket, transition driver, migration signal
+//! handling.
 //!
-//! **Owns:** the agent thread, the control protocol, the thread registry, the migration
-//! signal and its handler, and the thread-start hook. It joins `kgpatch-universe` (what may
-//! happen), `kgpatch-stackcheck` (is this thread clean), `kgpatch-redirect` (machine code)
-//! and `kgpatch-kmod` (what the patch is).
+//! **Owns:** the agent thread, the control protocol ([`protocol`]), the thread registry, the
+//! migration signal and its handler, the thread-start hook and [`quiescent`]. It joins
+//! `kgpatch-universe` (what may happen), `kgpatch-stackcheck` (is this thread clean),
+//! `kgpatch-redirect` (machine code) and `kgpatch-kmod` (what the patch is).
 //!
-//! **Must not touch:** machine code directly (through `kgpatch-redirect` only); it decides
+//! **Must not touch:** machine code directly (only through `kgpatch-redirect`); it decides
 //! nothing about consistency that `kgpatch-universe` does not decide.
 //!
-//! Status: planned (see the end-to-end issue).
+//! # Two ways in
+//! - Linked in as a crate: call [`start`] early in `main`.
+//! - `LD_PRELOAD=libkgpatch_agent.so`: the library starts itself when the process loads it
+//!   (set `KGPATCH_AGENT=off` to keep it dormant), and interposes `pthread_create` so that
+//!   every new thread enters the goal universe before it runs its own code.
+//!
+//! # Signals
+//! Migration uses one real-time signal (`KGPATCH_SIGNAL`, default `SIGRTMAX-7`) with
+//! `SA_RESTART`: interrupted `read`, `futex` waits and the like restart; `epoll_wait`,
+//! `nanosleep`, `poll` and `select` return `EINTR`, as with any signal (README lists what the
+//! tests measured). The redirect crate's own sweep uses `SIGRTMAX-8`, and it takes `SIGTRAP`
+//! for the live-write protocol (chained to a handler the program had).
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod driver;
+mod error;
+mod migrate;
+pub mod protocol;
+mod registry;
+mod server;
+mod stacks;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+pub use driver::migration_signal;
+pub use error::AgentError;
+pub use migrate::quiescent;
+pub use server::{runtime_dir, socket_path};
+
+static STARTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Starts the agent in this process (once; later calls return the first result): sets up
+/// patching, binds the control socket and starts the agent thread. Returns the socket path.
+pub fn start() -> Result<PathBuf, String> {
+    STARTED
+        .get_or_init(|| {
+            let driver = driver::Driver::new().map_err(|e| e.to_string())?;
+            let server = server::Server::bind().map_err(|e| e.to_string())?;
+            let path = server.path().to_owned();
+            ACTIVE.store(true, Ordering::Release);
+            std::thread::Builder::new()
+                .name("kgpatch-agent".into())
+                .spawn(move || server.run(driver))
+                .map_err(|e| format!("cannot start the agent thread: {e}"))?;
+            Ok(path)
+        })
+        .clone()
+}
+
+/// `true` once [`start`] succeeded.
+pub fn is_active() -> bool {
+    ACTIVE.load(Ordering::Acquire)
+}
+
+mod preload;

@@ -51,6 +51,15 @@ impl ThreadState {
         self.word.load(Ordering::Relaxed)
     }
 
+    /// Makes this state describe a thread whose universe word is `word`, with no attempts:
+    /// for registries that reuse states of exited threads. Only the owning thread calls it,
+    /// before its first migration with this state.
+    pub fn adopt(&self, word: u64) {
+        self.attempts.store(0, Ordering::Relaxed);
+        self.blocker.store(0, Ordering::Relaxed);
+        self.set_word(word);
+    }
+
     pub(crate) fn set_word(&self, value: u64) {
         self.word.store(value, Ordering::Relaxed);
     }

@@ -1,0 +1,324 @@
+//! The control protocol: one JSON object per line, a request from `kgpatch` and one response
+//! from the agent, over the agent's Unix socket. Every message carries `"v"`, the protocol
+//! version; an agent answers a request of another version with an error that names both.
+//!
+//! The shapes here are the stable `--json` output of `kgpatch status` too: fields may be
+//! added in a later version, never renamed or removed within one.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What happens when a transition's deadline passes with threads still not migrated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Turn the transition around: every thread goes back (the default).
+    #[default]
+    Reverse,
+    /// Leave it pending: keep retrying until `force`, `revert` or completion.
+    Pending,
+}
+
+/// A request, as sent on the wire: `{"v":1,"op":"status"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Protocol version of the sender.
+    pub v: u32,
+    /// The message.
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Requests `kgpatch` sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Load a patch module and begin the transition that applies it.
+    Apply {
+        /// Absolute path of the module, as the target process sees it.
+        module: PathBuf,
+        /// Deadline for the transition, in milliseconds (agent default when absent).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// What to do at the deadline.
+        #[serde(default)]
+        on_timeout: OnTimeout,
+    },
+    /// Begin the transition that reverts the patch on top of the stack (or turn around the
+    /// transition applying it, if it is still in progress).
+    Revert {
+        /// The patch's name.
+        patch: String,
+        /// Deadline, in milliseconds.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// What to do at the deadline.
+        #[serde(default)]
+        on_timeout: OnTimeout,
+    },
+    /// The patch stack and the transition in progress.
+    Status,
+    /// Migrate the remaining threads without a stack check.
+    Force,
+}
+
+/// Responses of the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// A transition began.
+    Started {
+        /// Its number.
+        t: u64,
+        /// `apply` or `revert`.
+        kind: Kind,
+        /// The patch.
+        patch: String,
+    },
+    /// A transition that was in progress was turned around (a revert of a patch still being
+    /// applied).
+    Reversed {
+        /// Its number.
+        t: u64,
+    },
+    /// `force` was accepted.
+    Forced {
+        /// The transition forced.
+        t: u64,
+    },
+    /// The state of the agent.
+    Status(Box<Status>),
+    /// The request was refused or failed; nothing changed unless the message says so.
+    Error {
+        /// A stable classification for scripts.
+        kind: ErrorKind,
+        /// One sentence for a human: what is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Stable error classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or of another protocol version.
+    BadRequest,
+    /// Another transition is in progress.
+    Busy,
+    /// The patch module is unusable (format, target, symbols, checksums).
+    BadModule,
+    /// A function cannot be patched.
+    Unpatchable,
+    /// The module's pre-apply or pre-revert callback vetoed.
+    Vetoed,
+    /// No such patch, or not on top of the stack.
+    NoSuchPatch,
+    /// No transition is in progress.
+    NoTransition,
+    /// The agent could not do it (OS error); the message says which call.
+    Internal,
+}
+
+/// `apply` or `revert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Applying a patch.
+    Apply,
+    /// Reverting a patch.
+    Revert,
+}
+
+/// The agent's state, for `kgpatch status` and `kgpatch list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The target's pid.
+    pub pid: u32,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Applied patches, oldest first.
+    pub patches: Vec<PatchInfo>,
+    /// The transition in progress.
+    pub transition: Option<TransitionInfo>,
+    /// The most recent finished transition.
+    pub last: Option<Outcome>,
+}
+
+/// An applied patch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchInfo {
+    /// Its name.
+    pub name: String,
+    /// Its version string.
+    pub version: String,
+    /// Its description.
+    pub description: String,
+    /// The module file.
+    pub module: PathBuf,
+    /// The transition that applied it.
+    pub applied_by: u64,
+    /// The functions it replaces.
+    pub functions: Vec<FunctionInfo>,
+}
+
+/// One replaced function.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// The old function's symbol.
+    pub name: String,
+    /// Its address in the target.
+    pub old: u64,
+    /// The replacement's address.
+    pub new: u64,
+}
+
+/// A transition in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransitionInfo {
+    /// Its number.
+    pub t: u64,
+    /// Apply or revert.
+    pub kind: Kind,
+    /// The patch.
+    pub patch: String,
+    /// Turned around: threads are going back.
+    pub reversed: bool,
+    /// The stack check is lifted.
+    pub forced: bool,
+    /// Milliseconds since it began.
+    pub elapsed_ms: u64,
+    /// Milliseconds until the deadline (0 once passed and left pending).
+    pub remaining_ms: u64,
+    /// Threads on the goal side.
+    pub migrated: usize,
+    /// Threads in the process.
+    pub total: usize,
+    /// Every thread not yet on the goal side.
+    pub pending: Vec<ThreadInfo>,
+}
+
+/// A thread not yet migrated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadInfo {
+    /// Kernel thread id.
+    pub tid: u32,
+    /// Thread name (`/proc/<pid>/task/<tid>/comm`).
+    pub name: String,
+    /// Failed attempts in this transition.
+    pub attempts: u32,
+    /// Why the last attempt failed, if one did.
+    pub blocker: Option<BlockerInfo>,
+}
+
+/// Why a thread could not migrate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BlockerInfo {
+    /// A frame is inside a function the transition leaves.
+    Busy {
+        /// The function.
+        function: String,
+        /// Frame depth, 0 = innermost.
+        depth: u16,
+    },
+    /// The stack walk could not prove the stack clean.
+    Unreliable {
+        /// Why.
+        reason: String,
+    },
+    /// The thread blocks the migration signal.
+    SignalBlocked,
+}
+
+/// How a transition ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Its number.
+    pub t: u64,
+    /// Apply or revert.
+    pub kind: Kind,
+    /// The patch.
+    pub patch: String,
+    /// What happened.
+    pub result: OutcomeKind,
+    /// Milliseconds from begin to end.
+    pub elapsed_ms: u64,
+    /// A sentence for a human.
+    pub message: String,
+}
+
+/// How a transition ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    /// Every thread reached the goal.
+    Completed,
+    /// It was turned around and every thread went back.
+    Reversed,
+}
+
+/// Encodes a message as one line.
+pub fn encode<T: Serialize>(body: T) -> String {
+    let mut line = serde_json::to_string(&Envelope {
+        v: PROTOCOL_VERSION,
+        body,
+    })
+    .expect("protocol types always serialise");
+    line.push('\n');
+    line
+}
+
+/// Decodes one line, checking the version.
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let version: Version =
+        serde_json::from_str(line).map_err(|e| format!("not a kgpatch protocol message ({e})"))?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this side speaks version {PROTOCOL_VERSION}); use a kgpatch and agent of the same release",
+            version.v
+        ));
+    }
+    let env: Envelope<T> =
+        serde_json::from_str(line).map_err(|e| format!("malformed message ({e})"))?;
+    Ok(env.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_look_stable() {
+        let r = Request::Apply {
+            module: "/tmp/fix.so".into(),
+            timeout_ms: Some(5000),
+            on_timeout: OnTimeout::Reverse,
+        };
+        let line = encode(&r);
+        assert_eq!(
+            line,
+            "{\"v\":1,\"op\":\"apply\",\"module\":\"/tmp/fix.so\",\"timeout_ms\":5000,\"on_timeout\":\"reverse\"}\n"
+        );
+        assert_eq!(decode::<Request>(&line).unwrap(), r);
+        assert_eq!(
+            decode::<Request>("{\"v\":1,\"op\":\"status\"}").unwrap(),
+            Request::Status
+        );
+    }
+
+    #[test]
+    fn other_versions_are_refused_by_name() {
+        let err = decode::<Request>("{\"v\":2,\"op\":\"status\"}").unwrap_err();
+        assert!(err.contains("protocol version 2"), "{err}");
+        assert!(decode::<Request>("hello").is_err());
+        assert!(decode::<Request>("{\"v\":1,\"op\":\"dance\"}").is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The control socket: a Unix stream socket in a 0700 runtime directory, one request line and
+//! one response line per connection, the peer checked with `SO_PEERCRED` (same uid or root).
+//! The agent thread serves it and drives transitions in between; when nothing is pending it
+//! sleeps in `poll(2)` until a client connects.
+
+#![allow(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::driver::{Driver, DEFAULT_TIMEOUT};
+use crate::error::AgentError;
+use crate::protocol::{self, ErrorKind, Request, Response};
+
+/// The runtime directory for processes of `uid`: `$KGPATCH_RUNTIME_DIR`, else
+/// `/tmp/kgpatch-<uid>`.
+pub fn runtime_dir(uid: u32) -> PathBuf {
+    match std::env::var_os("KGPATCH_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(format!("/tmp/kgpatch-{uid}")),
+    }
+}
+
+/// The socket of process `pid` in `dir`.
+pub fn socket_path(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.sock"))
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Creates `dir` with mode 0700 if needed, and refuses one that another user owns or that
+/// others can enter.
+pub fn prepare_dir(dir: &Path) -> Result<(), AgentError> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(AgentError::Os {
+                call: "mkdir of the runtime directory",
+                source,
+            })
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| AgentError::Os {
+        call: "stat of the runtime directory",
+        source,
+    })?;
+    let private = meta.is_dir() && meta.uid() == euid() && meta.permissions().mode() & 0o077 == 0;
+    if !private {
+        return Err(AgentError::Os {
+            call: "the runtime directory check",
+            source: std::io::Error::other(format!(
+                "{} must be a directory owned by uid {} with mode 0700; remove it or set KGPATCH_RUNTIME_DIR",
+                dir.display(),
+                euid()
+            )),
+        });
+    }
+    Ok(())
+}
+
+/// The uid of the peer of `stream`.
+pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid out-parameters of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// The control server of this process.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds `<runtime dir>/<pid>.sock`.
+    pub fn bind() -> Result<Server, AgentError> {
+        let dir = runtime_dir(euid());
+        prepare_dir(&dir)?;
+        let path = socket_path(&dir, std::process::id());
+        // A socket of a dead process that had our pid.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| AgentError::Os {
+            call: "bind of the control socket",
+            source,
+        })?;
+        Ok(Server { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests and drives transitions, forever.
+    pub fn run(self, mut driver: Driver) -> ! {
+        loop {
+            let timeout = driver
+                .next_wakeup()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if wait_readable(&self.listener, timeout) {
+                match self.listener.accept() {
+                    Ok((stream, _)) => self.serve(stream, &mut driver),
+                    Err(e) => warn!(error = %e, "accept failed"),
+                }
+            }
+            driver.tick();
+        }
+    }
+
+    fn serve(&self, stream: UnixStream, driver: &mut Driver) {
+        let allowed = peer_uid(&stream).is_ok_and(|uid| uid == euid() || uid == 0);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut reader = BufReader::new(&stream);
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let response = if !allowed {
+            error(
+                ErrorKind::BadRequest,
+                "permission denied: only the process's own user or root may control its agent"
+                    .into(),
+            )
+        } else {
+            match protocol::decode::<Request>(&line) {
+                Ok(req) => {
+                    debug!(?req, "request");
+                    handle(req, driver)
+                }
+                Err(msg) => error(ErrorKind::BadRequest, msg),
+            }
+        };
+        let _ = (&stream).write_all(protocol::encode(&response).as_bytes());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn error(kind: ErrorKind, message: String) -> Response {
+    Response::Error { kind, message }
+}
+
+fn failed(e: AgentError) -> Response {
+    error(e.kind(), e.to_string())
+}
+
+fn handle(req: Request, driver: &mut Driver) -> Response {
+    let timeout = |ms: Option<u64>| ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    match req {
+        Request::Apply {
+            module,
+            timeout_ms,
+            on_timeout,
+        } => match driver.apply(&module, timeout(timeout_ms), on_timeout) {
+            Ok((t, patch)) => {
+                driver.tick();
+                Response::Started {
+                    t,
+                    kind: protocol::Kind::Apply,
+                    patch,
+                }
+            }
+            Err(e) => failed(e),
+        },
+        Request::Revert {
+            patch,
+            timeout_ms,
+            on_timeout,
+        } => match driver.revert(&patch, timeout(timeout_ms), on_timeout) {
+            Ok(r) => {
+                driver.tick();
+                r
+            }
+            Err(e) => failed(e),
+        },
+        Request::Status => Response::Status(Box::new(driver.status())),
+        Request::Force => match driver.force() {
+            Ok(t) => {
+                driver.tick();
+                Response::Forced { t }
+            }
+            Err(e) => failed(e),
+        },
+    }
+}
+
+/// Waits until `listener` has a connection, or `timeout` passes (`None`: forever).
+fn wait_readable(listener: &UnixListener, timeout: Option<Duration>) -> bool {
+    let mut fds = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.map_or(-1, |d| d.as_millis().clamp(0, i32::MAX as u128) as i32);
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut fds, 1, ms) };
+    n > 0 && fds.revents & libc::POLLIN != 0
+}

@@ -1,0 +1,59 @@
+//! Where each thread's stack is, for the stack walk in the migration handler: a snapshot of
+//! the process's mappings taken by the driver before each sweep, searched (binary search, no
+//! allocation) for the mapping that holds the interrupted stack pointer.
+//!
+//! Why not `pthread_getattr_np` per thread: it allocates (not allowed in the handler), and
+//! threads that existed before the agent, or were not created through the start hook, never
+//! ran it. The mapping that holds `rsp` is the thread's stack for every glibc thread (one
+//! mapping each, its guard page a separate one) and for the main thread (`[stack]`).
+
+#![allow(unsafe_code)]
+
+use kgpatch_stackcheck::StackBounds;
+
+/// Readable, writable private mappings, sorted by start.
+#[derive(Debug, Default)]
+pub struct StackMap {
+    maps: Vec<(u64, u64)>,
+}
+
+impl StackMap {
+    /// Reads `/proc/self/maps`.
+    pub fn snapshot() -> std::io::Result<StackMap> {
+        let text = std::fs::read_to_string("/proc/self/maps")?;
+        let mut maps: Vec<(u64, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let range = fields.next()?;
+                let perms = fields.next()?;
+                if !perms.starts_with("rw") {
+                    return None;
+                }
+                let (lo, hi) = range.split_once('-')?;
+                Some((
+                    u64::from_str_radix(lo, 16).ok()?,
+                    u64::from_str_radix(hi, 16).ok()?,
+                ))
+            })
+            .collect();
+        maps.sort_unstable();
+        Ok(StackMap { maps })
+    }
+
+    /// The bounds of the mapping that holds `rsp`. Async-signal-safe.
+    pub fn bounds_of(&self, rsp: u64) -> Option<StackBounds> {
+        let i = self
+            .maps
+            .partition_point(|&(lo, _)| lo <= rsp)
+            .checked_sub(1)?;
+        let (lo, hi) = self.maps[i];
+        (rsp < hi).then(|| {
+            // SAFETY: the range is a readable mapping that holds the stack pointer of the
+            // thread that walks it, from its own signal handler: the thread's stack cannot be
+            // unmapped while the thread runs on it, and the walk ends before the handler
+            // returns.
+            unsafe { StackBounds::new_unchecked(lo, hi) }
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests of the agent (real processes, real signals): see the modules.

@@ -1,0 +1,143 @@
+//! Human output of `status`, `list` and the live progress of a transition.
+
+use std::fmt::Write as _;
+
+use kgpatch_agent::protocol::{BlockerInfo, Kind, Outcome, OutcomeKind, Status, TransitionInfo};
+
+fn kind(k: Kind) -> &'static str {
+    match k {
+        Kind::Apply => "apply",
+        Kind::Revert => "revert",
+    }
+}
+
+/// The patch stack, oldest first.
+pub fn patches(s: &Status) -> String {
+    let mut out = String::new();
+    if s.patches.is_empty() {
+        let _ = writeln!(out, "no patches applied in process {}", s.pid);
+    }
+    for (i, p) in s.patches.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}. {} {} (transition {}) — {}",
+            i + 1,
+            p.name,
+            p.version,
+            p.applied_by,
+            p.description
+        );
+        let _ = writeln!(out, "   module {}", p.module.display());
+        for f in &p.functions {
+            let _ = writeln!(out, "   {} at {:#x} -> {:#x}", f.name, f.old, f.new);
+        }
+    }
+    out
+}
+
+/// A progress bar of `width` cells.
+pub fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// One line of progress.
+pub fn progress_line(t: &TransitionInfo) -> String {
+    let dir = if t.reversed { " (reversing)" } else { "" };
+    let forced = if t.forced { " FORCED" } else { "" };
+    format!(
+        "{} {}{}{} {} {}/{} threads, {:.1}s elapsed, {:.1}s to deadline",
+        kind(t.kind),
+        t.patch,
+        dir,
+        forced,
+        bar(t.migrated, t.total, 30),
+        t.migrated,
+        t.total,
+        t.elapsed_ms as f64 / 1000.0,
+        t.remaining_ms as f64 / 1000.0
+    )
+}
+
+fn blocker(b: &Option<BlockerInfo>) -> String {
+    match b {
+        None => "not reached yet".into(),
+        Some(BlockerInfo::Busy { function, depth }) => {
+            format!("inside {function} (frame {depth})")
+        }
+        Some(BlockerInfo::Unreliable { reason }) => format!("stack not checkable: {reason}"),
+        Some(BlockerInfo::SignalBlocked) => {
+            "blocks the migration signal (moves only at a quiescent point)".into()
+        }
+    }
+}
+
+/// The transition in progress: progress and the threads not yet moved.
+pub fn transition(t: &TransitionInfo) -> String {
+    let mut out = format!("transition {}: {}\n", t.t, progress_line(t));
+    if !t.pending.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:>8}  {:<16} {:>8}  blocked by",
+            "tid", "name", "attempts"
+        );
+        for th in &t.pending {
+            let _ = writeln!(
+                out,
+                "  {:>8}  {:<16} {:>8}  {}",
+                th.tid,
+                th.name,
+                th.attempts,
+                blocker(&th.blocker)
+            );
+        }
+    }
+    out
+}
+
+/// How a transition ended.
+pub fn outcome(o: &Outcome) -> String {
+    let how = match o.result {
+        OutcomeKind::Completed => "completed",
+        OutcomeKind::Reversed => "reversed",
+    };
+    format!(
+        "transition {} ({} {}) {} in {} ms: {}",
+        o.t,
+        kind(o.kind),
+        o.patch,
+        how,
+        o.elapsed_ms,
+        o.message
+    )
+}
+
+/// The whole status.
+pub fn status(s: &Status) -> String {
+    let mut out = format!("process {} (agent {})\n", s.pid, s.agent_version);
+    out.push_str(&patches(s));
+    match &s.transition {
+        Some(t) => out.push_str(&transition(t)),
+        None => out.push_str("no transition in progress\n"),
+    }
+    if let Some(o) = &s.last {
+        let _ = writeln!(out, "last: {}", outcome(o));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_fills_in_proportion() {
+        assert_eq!(bar(0, 4, 4), "[----]");
+        assert_eq!(bar(2, 4, 4), "[##--]");
+        assert_eq!(bar(4, 4, 4), "[####]");
+        assert_eq!(bar(0, 0, 4), "[####]");
+    }
+}
