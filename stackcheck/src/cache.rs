@@ -34,6 +34,7 @@ impl<R: Reader> EvaluationStorage<R> for FixedStorage {
     type Result = [Piece<R>; 1];
 }
 
+/// A power of two.
 const RULE_SLOTS: usize = 512;
 
 #[derive(Clone, Copy, Debug)]
@@ -99,21 +100,25 @@ impl WalkCache {
             + std::mem::size_of::<[Entry; RULE_SLOTS]>()
     }
 
+    /// The first of the two slots `addr` may live in (Fibonacci hashing; the set is the
+    /// slot and its neighbour, so two hot pcs that hash together do not evict each other).
     #[inline]
-    fn slot(addr: u64) -> usize {
-        ((addr ^ (addr >> 9)) % RULE_SLOTS as u64) as usize
+    fn set(addr: u64) -> usize {
+        let h = addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RULE_SLOTS.trailing_zeros());
+        (h as usize) & !1
     }
 
     #[inline]
     pub(crate) fn lookup(&mut self, addr: u64, index_id: u32) -> Option<FastRule> {
-        let e = &self.rules[Self::slot(addr)];
-        if e.index_id == index_id && e.addr == addr {
-            self.hits += 1;
-            Some(e.rule)
-        } else {
-            self.misses += 1;
-            None
+        let set = Self::set(addr);
+        for e in &self.rules[set..set + 2] {
+            if e.index_id == index_id && e.addr == addr {
+                self.hits += 1;
+                return Some(e.rule);
+            }
         }
+        self.misses += 1;
+        None
     }
 
     /// Splits the cache into the gimli context and an inserter, so a rule computed from a
@@ -135,9 +140,13 @@ pub(crate) struct RuleSink<'a> {
 }
 
 impl RuleSink<'_> {
+    /// Stores a rule in the first slot of its set, moving the previous occupant to the
+    /// second (so the set keeps the two most recently inserted pcs).
     #[inline]
     pub(crate) fn insert(&mut self, addr: u64, index_id: u32, rule: FastRule) {
-        self.rules[WalkCache::slot(addr)] = Entry {
+        let set = WalkCache::set(addr);
+        self.rules[set + 1] = self.rules[set];
+        self.rules[set] = Entry {
             addr,
             index_id,
             rule,
@@ -233,5 +242,21 @@ mod tests {
         assert_eq!(c.lookup(0x1234, 8), None);
         assert_eq!(c.lookup(0x1235, 7), None);
         assert_eq!(c.stats(), (1, 2));
+    }
+
+    #[test]
+    fn two_pcs_of_one_set_both_stay() {
+        let mut c = WalkCache::new();
+        let a = 0x5555_0000_1234u64;
+        let set = WalkCache::set(a);
+        let b = (1u64..)
+            .map(|i| a + i)
+            .find(|x| WalkCache::set(*x) == set)
+            .unwrap();
+        let (_, mut sink) = c.parts();
+        sink.insert(a, 1, FastRule::OUTERMOST);
+        sink.insert(b, 1, FastRule::OUTERMOST);
+        assert!(c.lookup(a, 1).is_some());
+        assert!(c.lookup(b, 1).is_some());
     }
 }

@@ -123,6 +123,23 @@ impl UnwindIndex {
         core::hint::black_box(&raw);
         r
     }
+
+    /// [`UnwindIndex::walk_current`] with a cache the caller owns.
+    #[inline(never)]
+    pub fn walk_current_in(
+        &self,
+        cache: &mut WalkCache,
+        bounds: StackBounds,
+        ranges: &BusyRanges,
+        frames: &mut [u64],
+    ) -> (WalkOutcome, usize) {
+        let mut raw = [0u64; 4];
+        capture_caller(&mut raw);
+        let regs = Regs::from_capture(&raw);
+        let r = self.walk_live(cache, &regs, bounds, ranges, frames);
+        core::hint::black_box(&raw);
+        r
+    }
 }
 
 fn unreliable(why: Why, depth: u16, pc: u64) -> WalkOutcome {

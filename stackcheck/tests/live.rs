@@ -377,3 +377,55 @@ fn a_stack_pointer_outside_the_bounds_is_unreliable() {
         }
     ));
 }
+
+#[inline(never)]
+fn busy_worker(stop: *const AtomicI32) {
+    // SAFETY: stop points to the parked thread's [AtomicI32; 2], alive while it runs.
+    let s = unsafe { std::slice::from_raw_parts(stop, 2) };
+    s[1].store(1, Ordering::Release);
+    let mut acc = 0u64;
+    while s[0].load(Ordering::Acquire) == 0 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is a valid out-pointer. (Served by the vdso.)
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        // SAFETY: plain syscalls without arguments that matter.
+        acc = acc.wrapping_add(unsafe { libc::getppid() } as u64);
+        acc = acc.wrapping_add(black_box(format!("{}", ts.tv_nsec)).len() as u64);
+        std::hint::spin_loop();
+    }
+    black_box(acc);
+}
+
+#[test]
+fn a_thread_interrupted_anywhere_in_ordinary_code_walks_clean() {
+    // Rust code, libc, the vdso, the allocator, syscall returns: wherever the signal lands
+    // the walk must reach the outermost frame.
+    let index = index();
+    let worker = own_function(
+        "live11busy_worker",
+        busy_worker as fn(*const AtomicI32) as usize as u64,
+        "live11busy_worker",
+    );
+    let t = Parked::start(busy_worker);
+    let mut leaves = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let w = walk_thread(t.tid, &index, &BusyRanges::empty(), Mode::Interrupted);
+        assert!(w.outcome.is_clean(), "{:?} {:#x?}", w.outcome, w.frames);
+        assert_eq!(w.allocs, 0);
+        assert!(
+            position_in(&w.frames, &worker).is_some(),
+            "{:#x?}",
+            w.frames
+        );
+        leaves.insert(w.frames[0]);
+        std::thread::sleep(std::time::Duration::from_micros(300));
+    }
+    assert!(
+        leaves.len() > 5,
+        "interrupted at only {} places",
+        leaves.len()
+    );
+}
