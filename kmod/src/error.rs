@@ -228,6 +228,12 @@ pub enum KmodError {
         /// `dlerror()`.
         message: String,
     },
+    /// The module is already loaded in this process.
+    #[error("{} is already loaded in this process; revert and close the loaded copy first, or give this build another file name", path.display())]
+    AlreadyLoaded {
+        /// Module file.
+        path: PathBuf,
+    },
     /// `dlclose` failed.
     #[error("dlclose of {} failed: {message}", path.display())]
     Dlclose {

@@ -16,6 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::elf::ModuleFile;
 use crate::error::KmodError;
@@ -48,6 +49,9 @@ fn build_id_from_notes(mut notes: &[u8]) -> Option<Vec<u8>> {
     }
     None
 }
+
+/// Serializes `Loaded::open` and `Loaded::close`.
+static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
 struct Collector {
     objects: Vec<LoadedObject>,
@@ -165,7 +169,9 @@ unsafe impl Send for Loaded {}
 
 impl Loaded {
     /// Reads and validates the module file, then `dlopen`s it (`RTLD_NOW | RTLD_LOCAL`) and
-    /// checks that the mapped manifest equals the file's.
+    /// checks that the mapped manifest equals the file's. A module already loaded in this
+    /// process (same path or same file) is refused: two handles would share one set of
+    /// slots.
     ///
     /// # Safety
     /// `dlopen` runs the module's initialisers (C constructors, `.init_array`). The module
@@ -184,6 +190,18 @@ impl Loaded {
         } else {
             CString::new([b"./", path.as_os_str().as_bytes()].concat()).unwrap_or(cpath)
         };
+        // One open at a time, so that the already-loaded check below is not raced.
+        let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `cpath` is NUL-terminated; RTLD_NOLOAD only looks the object up (by name
+        // and by file identity), it loads and runs nothing.
+        let existing = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        if !existing.is_null() {
+            // SAFETY: drops the reference RTLD_NOLOAD just took.
+            unsafe { libc::dlclose(existing) };
+            return Err(KmodError::AlreadyLoaded {
+                path: path.to_owned(),
+            });
+        }
         // SAFETY: `cpath` is NUL-terminated; the caller vouched for the module's initialisers.
         let handle = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         let Some(handle) = NonNull::new(handle) else {
@@ -383,6 +401,7 @@ impl Loaded {
     /// No thread may execute, or later call, code of the module: the patch must be reverted
     /// and every thread seen outside the module's functions and stubs.
     pub unsafe fn close(self) -> Result<(), KmodError> {
+        let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the handle came from dlopen and is closed once (this consumes `self`); the
         // caller guarantees nothing runs the module's code.
         let rc = unsafe { libc::dlclose(self.handle.as_ptr()) };

@@ -135,6 +135,20 @@ fn resolves_fills_slots_and_the_new_function_works() {
         assert_eq!(*value, want, "{}", slot.symbol);
     }
 
+    // A second open of the same module (even through another path) is refused.
+    let link = path.with_extension("link.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    for p in [&path, &link] {
+        // SAFETY: refused before dlopen maps anything new.
+        let err = unsafe { Loaded::open(p) }.unwrap_err();
+        assert!(
+            matches!(err, kgpatch_kmod::KmodError::AlreadyLoaded { .. }),
+            "{err}"
+        );
+    }
+    assert_eq!(loaded.slot_values(), values);
+
     // new compute(x) = helper_b(x) * scale = (7x - 2) * 3; the original is 2x + 1 + 3.
     // SAFETY: kgfix_c_new_compute is `int f(int)` and its slots are filled.
     let new: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(func.new_address) };
@@ -150,7 +164,7 @@ fn resolves_fills_slots_and_the_new_function_works() {
 fn callbacks_run_after_resolve_and_pre_apply_can_veto() {
     let _guard = crate::COUNTER_LOCK.lock().unwrap();
     load_fixture_lib();
-    let path = c_module("GOOD", &[]);
+    let path = crate::common::c_module_from("patch_c.c", "GOOD_CALLBACKS", &[], &[]);
     // SAFETY: no constructors.
     let mut loaded = unsafe { Loaded::open(&path) }.unwrap();
     // Callbacks may read slots, so they refuse to run before resolve.
