@@ -10,7 +10,9 @@ use std::ffi::{c_void, CString};
 use std::hint::black_box;
 use std::time::Instant;
 
-use kgpatch_stackcheck::{BusyRanges, Regs, StackBounds, StackReader, UnwindIndex, WalkCache};
+use kgpatch_stackcheck::{
+    BusyRanges, IndexOptions, Regs, StackBounds, StackReader, UnwindIndex, WalkCache,
+};
 use object::{Object, ObjectSymbol};
 
 extern "C" {
@@ -170,11 +172,16 @@ fn big_library(path: &str) -> Option<(String, u64, Vec<u64>)> {
     Some((format!("{path} (dlopen {dlopen_ms:.0} ms)"), bias, addrs))
 }
 
-fn build_stats() -> (f64, UnwindIndex) {
+/// Build time with the default 16 pooled walk caches, and with 1 (the index proper).
+fn build_stats() -> ((f64, f64), UnwindIndex) {
     let t = time_us(9, 3, || {
         black_box(UnwindIndex::build().unwrap());
     });
-    (t, UnwindIndex::build().unwrap())
+    let one = IndexOptions { cache_slots: 1 };
+    let t1 = time_us(9, 3, || {
+        black_box(UnwindIndex::build_with(one).unwrap());
+    });
+    ((t, t1), UnwindIndex::build().unwrap())
 }
 
 /// Runs `f` on a raw pthread (start_thread and clone3 are its only frames below `f`'s),
@@ -231,16 +238,19 @@ fn walk_table(index: &UnwindIndex) {
     }
 }
 
-fn index_table(build_us: f64, index: &UnwindIndex, big_arg: Option<String>) {
+fn index_table(build_us: (f64, f64), index: &UnwindIndex, big_arg: Option<String>) {
     println!();
     println!("## index");
     println!();
-    println!("| process | objects | build (µs, median of 9) | index heap (KiB) | of which walk caches (KiB) |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| process | objects | build, 16 pooled caches (µs) | build, 1 cache (µs) | index heap (KiB) | of which walk caches (KiB) |");
+    println!("|---|---:|---:|---:|---:|---:|");
     let objs = index.objects().count();
     let caches = 16 * WalkCache::heap_bytes();
+    println!("(one walk cache: {} bytes)", WalkCache::heap_bytes());
     println!(
-        "| this bench binary | {objs} | {build_us:.0} | {:.0} | {:.0} |",
+        "| this bench binary | {objs} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        build_us.0,
+        build_us.1,
         index.heap_bytes() as f64 / 1024.0,
         caches as f64 / 1024.0
     );
@@ -255,11 +265,11 @@ fn index_table(build_us: f64, index: &UnwindIndex, big_arg: Option<String>) {
             .map(|s| s.to_string())
     });
     let Some(path) = path else {
-        println!("| (no large library found; pass one as argument) | | | | |");
+        println!("| (no large library found; pass one as argument) | | | | | |");
         return;
     };
     let Some((label, _bias, funcs)) = big_library(&path) else {
-        println!("| {path}: could not load | | | | |");
+        println!("| {path}: could not load | | | | | |");
         return;
     };
     let (build_us, index) = build_stats();
@@ -269,9 +279,11 @@ fn index_table(build_us: f64, index: &UnwindIndex, big_arg: Option<String>) {
         .map(|o| o.eh_frame_hdr_len)
         .unwrap_or(0);
     println!(
-        "| + {label}, .eh_frame_hdr {} KiB | {} | {build_us:.0} | {:.0} | {:.0} |",
+        "| + {label}, .eh_frame_hdr {} KiB | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
         hdr / 1024,
         index.objects().count(),
+        build_us.0,
+        build_us.1,
         index.heap_bytes() as f64 / 1024.0,
         caches as f64 / 1024.0
     );

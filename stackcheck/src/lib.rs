@@ -20,8 +20,28 @@
 //! let ranges = BusyRanges::from_pairs([(0x1000..0x2000, 0)]).unwrap();
 //!
 //! // In the migration signal handler: `Regs::from_ucontext(uc)`; here, our own stack.
-//! let (outcome, _) = index.walk_current(bounds, &ranges, &mut []);
+//! let mut frames = [0u64; 64];
+//! let (outcome, n) = index.walk_current(bounds, &ranges, &mut frames);
 //! assert!(matches!(outcome, WalkOutcome::Clean { .. }), "{outcome:?}");
+//! // This runs on a main thread: the outermost frame is `_start`, in the executable
+//! // (which the loader names "").
+//! let outermost = index.object_for(frames[n - 1] - 1).unwrap();
+//! assert_eq!(outermost.name, "");
+//! ```
+//!
+//! In a signal handler, the outcome maps onto the universe's blocker:
+//! ```
+//! # use kgpatch_stackcheck::{UnreliableReason, WalkOutcome};
+//! fn blocker(o: WalkOutcome) -> Option<(u32, u16, u16)> {
+//!     match o {
+//!         WalkOutcome::Clean { .. } => None,
+//!         WalkOutcome::Busy { range_id, depth, .. } => Some((range_id, depth, 0)),
+//!         WalkOutcome::Unreliable { why, .. } => Some((0, 0, why.code())),
+//!     }
+//! }
+//! # assert_eq!(blocker(WalkOutcome::Clean { depth: 3 }), None);
+//! # assert_eq!(UnreliableReason::describe(UnreliableReason::TooDeep.code()),
+//! #            UnreliableReason::TooDeep.message());
 //! ```
 //!
 //! # Reliability rules
