@@ -1,0 +1,521 @@
+//! A closed-loop load generator for the demo server.
+//!
+//! Each connection is a thread that sends one request, waits for the answer, checks it, and
+//! sends the next (optionally paced to a target rate). Every answer is validated against a
+//! model of what the server must hold: each connection owns its keys, so the expected value
+//! of every `GET` and `INCR` is known exactly. An `ERR ...`, a wrong value, a timeout or a
+//! broken connection counts as a failure (the connection is then re-established).
+//!
+//! Latency is measured per request from just before the send to the end of the answer, so
+//! with pacing it does not include the time a late request waited for its slot.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Client;
+
+/// What load to generate.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// The server.
+    pub addr: SocketAddr,
+    /// Concurrent connections, one thread each.
+    pub connections: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Total requests per second over all connections; `None`: as fast as answers come.
+    pub rate: Option<f64>,
+    /// Distinct string keys per connection (and as many counters).
+    pub keys_per_connection: usize,
+    /// Values are 1..=`max_value_len` bytes (letters, digits and inner spaces).
+    pub max_value_len: usize,
+    /// Also send negative `INCR` amounts (these fail on a server with the planted bug).
+    pub negative_incr: bool,
+    /// Seeds the per-connection operation mix.
+    pub seed: u64,
+    /// Prefixed to every key, so several runs against one server do not collide.
+    pub key_prefix: String,
+    /// A request unanswered for this long is a failure.
+    pub request_timeout: Duration,
+    /// Failures kept verbatim in [`LoadReport::failure_samples`].
+    pub max_failure_samples: usize,
+}
+
+impl LoadConfig {
+    /// Four connections for five seconds, unpaced, 64 keys each, values up to 64 bytes.
+    pub fn new(addr: SocketAddr) -> LoadConfig {
+        LoadConfig {
+            addr,
+            connections: 4,
+            duration: Duration::from_secs(5),
+            rate: None,
+            keys_per_connection: 64,
+            max_value_len: 64,
+            negative_incr: false,
+            seed: 0x6b67_7061_7463_6821,
+            key_prefix: format!("load{}", std::process::id()),
+            request_timeout: Duration::from_secs(10),
+            max_failure_samples: 20,
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Slowest request.
+    pub max_us: u64,
+}
+
+impl Latency {
+    /// Percentiles of `samples` (microseconds; sorted in place). Nearest-rank method.
+    pub fn from_samples(samples: &mut [u64]) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let r = (q * samples.len() as f64).ceil() as usize;
+            samples[r.clamp(1, samples.len()) - 1]
+        };
+        Latency {
+            p50_us: rank(0.50),
+            p99_us: rank(0.99),
+            p999_us: rank(0.999),
+            max_us: samples[samples.len() - 1],
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Requests whose answer was wrong, an error, or missing.
+    pub failures: u64,
+    /// Connections used.
+    pub connections: usize,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Latency of every request (failed ones included).
+    pub latency: Latency,
+    /// The first few failures, described.
+    pub failure_samples: Vec<String>,
+}
+
+impl LoadReport {
+    /// Requests per second.
+    pub fn throughput(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.requests as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    /// One JSON object (stable keys, for scripts).
+    pub fn to_json(&self) -> String {
+        let samples: Vec<String> = self
+            .failure_samples
+            .iter()
+            .map(|s| json_string(s))
+            .collect();
+        format!(
+            "{{\"requests\":{},\"failures\":{},\"connections\":{},\"elapsed_s\":{:.3},\
+             \"throughput_rps\":{:.1},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p99.9\":{},\
+             \"max\":{}}},\"failure_samples\":[{}]}}",
+            self.requests,
+            self.failures,
+            self.connections,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            self.latency.p50_us,
+            self.latency.p99_us,
+            self.latency.p999_us,
+            self.latency.max_us,
+            samples.join(",")
+        )
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "requests    {} ({:.0}/s over {:.2} s, {} connections)",
+            self.requests,
+            self.throughput(),
+            self.elapsed.as_secs_f64(),
+            self.connections
+        )?;
+        writeln!(f, "failures    {}", self.failures)?;
+        write!(
+            f,
+            "latency µs  p50 {}  p99 {}  p99.9 {}  max {}",
+            self.latency.p50_us, self.latency.p99_us, self.latency.p999_us, self.latency.max_us
+        )?;
+        for s in &self.failure_samples {
+            write!(f, "\n  failure: {s}")?;
+        }
+        Ok(())
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs the load for `cfg.duration` and reports.
+pub fn run(cfg: LoadConfig) -> LoadReport {
+    run_until(cfg, &AtomicBool::new(false))
+}
+
+/// Runs the load until `cfg.duration` has passed or `stop` becomes true, whichever is first
+/// (the end-to-end tests run load in the background while they patch).
+pub fn run_until(cfg: LoadConfig, stop: &AtomicBool) -> LoadReport {
+    let start = Instant::now();
+    let deadline = start + cfg.duration;
+    let results: Vec<ConnResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..cfg.connections)
+            .map(|i| {
+                let cfg = &cfg;
+                std::thread::Builder::new()
+                    .name(format!("kvload-{i}"))
+                    .spawn_scoped(s, move || connection(cfg, i, deadline, stop))
+                    .expect("spawning a load thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a load thread panicked"))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut report = LoadReport {
+        connections: cfg.connections,
+        elapsed,
+        ..LoadReport::default()
+    };
+    let mut all = Vec::with_capacity(results.iter().map(|r| r.latencies.len()).sum());
+    for r in results {
+        report.requests += r.requests;
+        report.failures += r.failures;
+        all.extend_from_slice(&r.latencies);
+        for f in r.failure_samples {
+            if report.failure_samples.len() < cfg.max_failure_samples {
+                report.failure_samples.push(f);
+            }
+        }
+    }
+    report.latency = Latency::from_samples(&mut all);
+    report
+}
+
+struct ConnResult {
+    requests: u64,
+    failures: u64,
+    latencies: Vec<u64>,
+    failure_samples: Vec<String>,
+}
+
+/// splitmix64: small, fast, good enough to pick operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What the model knows about a key.
+#[derive(Clone, Debug, PartialEq)]
+enum Known {
+    Absent,
+    Value(String),
+    Int(i64),
+    /// A request on it failed in flight: accept what the server says next.
+    Unknown,
+}
+
+fn value(rng: &mut Rng, max_len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let len = 1 + rng.below(max_len.max(1) as u64) as usize;
+    (0..len)
+        .map(|i| {
+            // inner spaces only: the server trims leading ones and a trailing '\r'
+            if i > 0 && i + 1 < len && rng.below(8) == 0 {
+                ' '
+            } else {
+                ALPHABET[rng.below(ALPHABET.len() as u64) as usize] as char
+            }
+        })
+        .collect()
+}
+
+fn connection(cfg: &LoadConfig, index: usize, deadline: Instant, stop: &AtomicBool) -> ConnResult {
+    let mut res = ConnResult {
+        requests: 0,
+        failures: 0,
+        latencies: Vec::with_capacity(1 << 16),
+        failure_samples: Vec::new(),
+    };
+    let fail = |res: &mut ConnResult, what: String| {
+        res.failures += 1;
+        if res.failure_samples.len() < cfg.max_failure_samples {
+            res.failure_samples.push(what);
+        }
+    };
+    let mut rng = Rng(cfg.seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f));
+    let keys = cfg.keys_per_connection.max(1);
+    let mut strings = vec![Known::Absent; keys];
+    let mut counters = vec![Known::Absent; keys];
+    // keys from an earlier run with the same prefix would break the model: start clean
+    let mut dirty: HashMap<String, ()> = HashMap::new();
+    let interval = cfg
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(cfg.connections as f64 / r));
+    let start = Instant::now();
+    let mut client: Option<Client> = None;
+    let mut sent: u64 = 0;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Some(iv) = interval {
+            let slot = start + iv.mul_f64(sent as f64);
+            let now = Instant::now();
+            if slot > now {
+                std::thread::sleep((slot - now).min(deadline.saturating_duration_since(now)));
+                continue;
+            }
+        }
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => match Client::connect(cfg.addr) {
+                Ok(mut c) => {
+                    let _ = c.set_timeout(Some(cfg.request_timeout));
+                    client.insert(c)
+                }
+                Err(e) => {
+                    res.requests += 1;
+                    sent += 1;
+                    fail(&mut res, format!("connect: {e}"));
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            },
+        };
+        let k = rng.below(keys as u64) as usize;
+        let op = rng.below(10);
+        let (request, slot, expect): (String, &mut Known, Expect) = if op < 4 {
+            let v = value(&mut rng, cfg.max_value_len);
+            let key = format!("{}:c{index}:s{k}", cfg.key_prefix);
+            let req = format!("SET {key} {v}");
+            (req, &mut strings[k], Expect::Set(v))
+        } else if op < 8 {
+            let key = format!("{}:c{index}:s{k}", cfg.key_prefix);
+            (format!("GET {key}"), &mut strings[k], Expect::Get)
+        } else {
+            let amount = if cfg.negative_incr {
+                rng.below(2001) as i64 - 1000
+            } else {
+                1 + rng.below(1000) as i64
+            };
+            let key = format!("{}:c{index}:n{k}", cfg.key_prefix);
+            let req = format!("INCR {key} {amount}");
+            (req, &mut counters[k], Expect::Incr(amount))
+        };
+        if dirty.len() < 2 * keys {
+            // first touch of each key: DEL it so the model's "Absent" is true
+            let key = request.split(' ').nth(1).unwrap_or_default().to_string();
+            if let std::collections::hash_map::Entry::Vacant(e) = dirty.entry(key.clone()) {
+                e.insert(());
+                match c.request_io(&format!("DEL {key}")) {
+                    Ok(a) if a == "DELETED" || a == "NOT_FOUND" => {}
+                    Ok(a) => fail(&mut res, format!("DEL {key}: answered {a:?}")),
+                    Err(e) => {
+                        fail(&mut res, format!("DEL {key}: {e}"));
+                        client = None;
+                        continue;
+                    }
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let answer = c.request_io(&request);
+        let us = t0.elapsed().as_micros() as u64;
+        res.latencies.push(us);
+        res.requests += 1;
+        sent += 1;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                fail(&mut res, format!("{request}: {e}"));
+                *slot = Known::Unknown;
+                client = None;
+                continue;
+            }
+        };
+        if let Err(why) = check(&expect, slot, &answer) {
+            fail(&mut res, format!("{request}: {why}"));
+        }
+    }
+    res
+}
+
+enum Expect {
+    Set(String),
+    Get,
+    Incr(i64),
+}
+
+/// Checks `answer` against the model and updates the model; Err describes a mismatch.
+fn check(expect: &Expect, slot: &mut Known, answer: &str) -> Result<(), String> {
+    match expect {
+        Expect::Set(v) => {
+            if answer == "OK" {
+                *slot = Known::Value(v.clone());
+                Ok(())
+            } else {
+                *slot = Known::Unknown;
+                Err(format!("expected OK, got {answer:?}"))
+            }
+        }
+        Expect::Get => {
+            let got = if answer == "NOT_FOUND" {
+                Some(Known::Absent)
+            } else {
+                answer
+                    .strip_prefix("VALUE ")
+                    .map(|v| Known::Value(v.to_string()))
+            };
+            match (got, &*slot) {
+                (Some(g), Known::Unknown) => {
+                    *slot = g;
+                    Ok(())
+                }
+                (Some(g), want) if g == *want => Ok(()),
+                (Some(g), want) => {
+                    let msg = format!("expected {want:?}, got {answer:?}");
+                    *slot = g;
+                    Err(msg)
+                }
+                (None, want) => Err(format!("expected {want:?}, got {answer:?}")),
+            }
+        }
+        Expect::Incr(amount) => {
+            let got: Option<i64> = answer.strip_prefix("INT ").and_then(|n| n.parse().ok());
+            let want = match slot {
+                Known::Absent => Some(*amount),
+                Known::Int(n) => n.checked_add(*amount),
+                Known::Value(_) | Known::Unknown => None,
+            };
+            match (got, want) {
+                (Some(g), Some(w)) if g == w => {
+                    *slot = Known::Int(g);
+                    Ok(())
+                }
+                (Some(g), None) if *slot == Known::Unknown => {
+                    *slot = Known::Int(g);
+                    Ok(())
+                }
+                (Some(g), w) => {
+                    *slot = Known::Int(g);
+                    Err(format!("expected INT {w:?}, got {answer:?}"))
+                }
+                (None, w) => {
+                    *slot = Known::Unknown;
+                    Err(format!("expected INT {w:?}, got {answer:?}"))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let mut v: Vec<u64> = (1..=1000).rev().collect();
+        let l = Latency::from_samples(&mut v);
+        assert_eq!(
+            l,
+            Latency {
+                p50_us: 500,
+                p99_us: 990,
+                p999_us: 999,
+                max_us: 1000
+            }
+        );
+        assert_eq!(Latency::from_samples(&mut []), Latency::default());
+        assert_eq!(Latency::from_samples(&mut [7]).p999_us, 7);
+    }
+
+    #[test]
+    fn model_catches_wrong_answers() {
+        let mut slot = Known::Absent;
+        assert!(check(&Expect::Get, &mut slot, "NOT_FOUND").is_ok());
+        assert!(check(&Expect::Set("a b".into()), &mut slot, "OK").is_ok());
+        assert!(check(&Expect::Get, &mut slot, "VALUE a b").is_ok());
+        assert!(check(&Expect::Get, &mut slot, "VALUE a").is_err());
+        assert!(check(&Expect::Get, &mut slot, "ERR invariant").is_err());
+        let mut n = Known::Absent;
+        assert!(check(&Expect::Incr(5), &mut n, "INT 5").is_ok());
+        assert!(
+            check(&Expect::Incr(-7), &mut n, "INT 12").is_err(),
+            "the planted bug"
+        );
+        assert_eq!(
+            n,
+            Known::Int(12),
+            "the model follows the server after a mismatch"
+        );
+        assert!(check(&Expect::Incr(1), &mut n, "INT 13").is_ok());
+        let mut u = Known::Unknown;
+        assert!(check(&Expect::Incr(1), &mut u, "INT 40").is_ok());
+        assert!(check(&Expect::Set("x".into()), &mut u, "ERR invariant").is_err());
+    }
+
+    #[test]
+    fn json_is_escaped() {
+        let r = LoadReport {
+            failure_samples: vec!["GET \"k\"\n".into()],
+            ..LoadReport::default()
+        };
+        assert!(
+            r.to_json().contains(r#""GET \"k\"\u000a""#),
+            "{}",
+            r.to_json()
+        );
+    }
+}
