@@ -47,30 +47,50 @@
 //! 4. The redirect machinery patches the old functions to the new addresses in
 //!    [`Resolved`]; callbacks run through [`Loaded::pre_apply`] and friends.
 //! 5. After revert, [`Loaded::close`] (`dlclose`).
+//!
+//! # Features
+//! `loader` (default): everything above. Without it (`default-features = false`) the crate is
+//! only [`raw`], [`author`] and [`checksum`], with no dependencies: what a Rust patch crate
+//! needs to emit its manifest.
 
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod author;
+#[cfg(feature = "loader")]
 mod cast;
 pub mod checksum;
+#[cfg(feature = "loader")]
 mod elf;
+#[cfg(feature = "loader")]
 mod encode;
+#[cfg(feature = "loader")]
 mod error;
+#[cfg(feature = "loader")]
 mod live;
+#[cfg(feature = "loader")]
 mod manifest;
+#[cfg(feature = "loader")]
 mod parse;
 pub mod raw;
+#[cfg(feature = "loader")]
 mod resolve;
 
+#[cfg(feature = "loader")]
 pub use elf::{inspect, ModuleFile, SymKind, SymbolTable, TargetSymbol};
+#[cfg(feature = "loader")]
 pub use encode::encode_manifest;
+#[cfg(feature = "loader")]
 pub use error::{Candidate, KmodError};
+#[cfg(feature = "loader")]
 pub use live::{loaded_objects, Loaded};
+#[cfg(feature = "loader")]
 pub use manifest::{
     BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target, TargetKind,
 };
+#[cfg(feature = "loader")]
 pub use parse::{parse_manifest, ManifestError};
+#[cfg(feature = "loader")]
 pub use resolve::{
     describe_symbol, file_build_id, find_target, resolve_against, LoadedObject, ResolveOptions,
     Resolved, ResolvedFunction, ResolvedSlot, SymbolDescription,

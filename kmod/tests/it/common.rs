@@ -183,7 +183,7 @@ pub fn rust_module() -> &'static Path {
             format!(
                 "[package]\nname = \"kgfix-rust-patch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
                  publish = false\n\n[lib]\npath = \"src/lib.rs\"\ncrate-type = [\"cdylib\"]\n\n\
-                 [dependencies]\nkgpatch-kmod = {{ path = {:?} }}\n\n[workspace]\n",
+                 [dependencies]\nkgpatch-kmod = {{ path = {:?}, default-features = false }}\n\n[workspace]\n",
                 MANIFEST_DIR
             ),
         );
