@@ -98,6 +98,20 @@ enum Command {
     },
     /// List processes that run a kgpatch agent.
     Ps,
+    /// Print what a patch module needs to name a function of a target: its size and
+    /// checksum, as the KGPATCH_REPLACE macros (C) and `replace!` (Rust) take them.
+    Describe {
+        /// The target executable or library file.
+        target: PathBuf,
+        /// The function's symbol.
+        symbol: String,
+        /// For a static function: its source file (the STT_FILE symbol, e.g. `server.c`).
+        #[arg(long)]
+        file: Option<String>,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a patch module's manifest without loading it.
     Inspect {
         /// The module.
@@ -223,6 +237,47 @@ fn run(cli: Cli) -> Result<u8> {
         },
         Command::Ps => {
             ps();
+            Ok(0)
+        }
+        Command::Describe {
+            target,
+            symbol,
+            file,
+            json,
+        } => {
+            let found = kgpatch_kmod::describe_symbol(&target, &symbol, file.as_deref())
+                .with_context(|| format!("cannot describe `{symbol}` in {}", target.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+                return Ok(0);
+            }
+            if found.is_empty() {
+                return Err(refused(
+                    (),
+                    format!("no symbol `{symbol}` in {}", target.display()),
+                ));
+            }
+            for d in &found {
+                let checksum = d
+                    .checksum
+                    .map_or("0 /* no file bytes */".into(), |c| format!("{c:#018x}ULL"));
+                let file = d.file.as_deref().unwrap_or("");
+                println!(
+                    "{} {}#{} at {:#x}: size {} checksum {}",
+                    d.name, file, d.index, d.address, d.size, checksum
+                );
+                if file.is_empty() {
+                    println!(
+                        "  KGPATCH_REPLACE(\"{}\", new_fn, {}, {});",
+                        d.name, d.size, checksum
+                    );
+                } else {
+                    println!(
+                        "  KGPATCH_REPLACE_LOCAL(\"{}\", \"{}\", new_fn, {}, {});",
+                        d.name, file, d.size, checksum
+                    );
+                }
+            }
             Ok(0)
         }
         Command::Inspect { module, json } => {
