@@ -73,8 +73,17 @@ struct kgpatch_record_header {
 #define KGPATCH__UNIQUE(prefix) KGPATCH__CAT(prefix, __COUNTER__)
 #define KGPATCH__HEADER(var, kind) \
     { KGPATCH_MAGIC, KGPATCH_FORMAT_VERSION, (kind), (uint32_t)sizeof(var), 0 }
+/* retain: keep the records under -Wl,--gc-sections (nothing references them) */
+#if defined(__has_attribute)
+#if __has_attribute(retain)
+#define KGPATCH__RETAIN retain,
+#endif
+#endif
+#ifndef KGPATCH__RETAIN
+#define KGPATCH__RETAIN
+#endif
 /* aligned(8) on the variable too: GCC would otherwise align large ones to 32 */
-#define KGPATCH__PLACE __attribute__((used, aligned(8), section(".kgpatch")))
+#define KGPATCH__PLACE __attribute__((used, KGPATCH__RETAIN aligned(8), section(".kgpatch")))
 
 /* A record with no fixed part. `strs` is a concatenation like "a" "\0" "b". */
 #define KGPATCH__RECORD0(var, kind, strs)                                           \

@@ -206,3 +206,38 @@ fn callbacks_run_after_resolve_and_pre_apply_can_veto() {
                                   // SAFETY: module not patched in.
     unsafe { loaded.close() }.unwrap();
 }
+
+#[test]
+fn manifest_survives_gc_sections() {
+    let flags = [
+        "-ffunction-sections",
+        "-fdata-sections",
+        "-Wl,--gc-sections",
+    ]
+    .map(String::from);
+    let gc = crate::common::c_module_from("patch_c.c", "GOOD_GC", &flags, &[]);
+    assert_eq!(
+        inspect(gc).unwrap(),
+        inspect(c_module("GOOD", &[])).unwrap()
+    );
+}
+
+#[test]
+fn header_works_from_cplusplus() {
+    let f = crate::common::fixtures();
+    let out = f.dir.join("patch_cpp.so");
+    crate::common::run(
+        Command::new("g++")
+            .args([
+                "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I",
+            ])
+            .arg(crate::common::include_dir())
+            .arg(crate::common::fixture_src("patch_cpp.cc"))
+            .arg("-o")
+            .arg(&out),
+    );
+    let m = inspect(&out).unwrap();
+    assert_eq!(m.name, "cpp-fix");
+    assert_eq!(m.functions[0].new_symbol, "cpp_new");
+    assert_eq!(m.references[0].symbol.file.as_deref(), Some("target_a.c"));
+}
