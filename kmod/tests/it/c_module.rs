@@ -241,3 +241,52 @@ fn header_works_from_cplusplus() {
     assert_eq!(m.functions[0].new_symbol, "cpp_new");
     assert_eq!(m.references[0].symbol.file.as_deref(), Some("target_a.c"));
 }
+
+#[test]
+fn index_picks_one_of_the_same_named_statics() {
+    let f = load_fixture_lib();
+    let d = kgpatch_kmod::describe_symbol(&f.lib, "helper", None).unwrap();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[1].file.as_deref(), Some("target_b.c"));
+    assert_eq!(d[1].index, 1);
+    let p = crate::common::c_module_from(
+        "patch_c.c",
+        "NTH",
+        &[],
+        &[(d[1].size, d[1].checksum.unwrap())],
+    );
+    // SAFETY: no constructors.
+    let mut loaded = unsafe { Loaded::open(&p) }.unwrap();
+    let r = loaded.resolve(ResolveOptions::default()).unwrap();
+    assert_eq!(r.functions[0].old_file.as_deref(), Some("target_b.c"));
+    assert_eq!(
+        r.functions[0].old_address,
+        fixture_bias() + link_value(&f.lib, "helper", Some("target_b.c"))
+    );
+}
+
+#[test]
+fn checksum_is_of_the_file_so_a_rewritten_entry_still_matches() {
+    use std::os::unix::fs::FileExt;
+    let f = load_fixture_lib();
+    let addr = fixture_bias() + link_value(&f.lib, "compute", Some("target_a.c"));
+    // Rewrite compute's first 5 bytes in memory, as an earlier patch would (a jmp to itself;
+    // nothing calls compute in these tests), through /proc/self/mem.
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .unwrap();
+    let mut saved = [0u8; 5];
+    mem.read_exact_at(&mut saved, addr).unwrap();
+    mem.write_all_at(&[0xe9, 0xfb, 0xff, 0xff, 0xff], addr)
+        .unwrap();
+    let p = crate::common::c_module_from("patch_c.c", "GOOD_REWRITTEN", &[], &[]);
+    // SAFETY: no constructors.
+    let mut loaded = unsafe { Loaded::open(&p) }.unwrap();
+    let r = loaded
+        .resolve(ResolveOptions::default())
+        .map(|r| r.functions[0].old_address);
+    mem.write_all_at(&saved, addr).unwrap();
+    assert_eq!(r.unwrap(), addr);
+}
