@@ -6,6 +6,8 @@
 //! `cargo bench -p kgpatch-stackcheck --bench walk [-- BIG.so]`; without an argument it
 //! looks for libLLVM (Debian's llvm packages), and skips that part if none is installed.
 
+mod framehop_baseline;
+
 use std::ffi::{c_void, CString};
 use std::hint::black_box;
 use std::time::Instant;
@@ -39,6 +41,7 @@ fn time_us(runs: usize, iters: usize, mut f: impl FnMut()) -> f64 {
 
 struct Ctx<'a> {
     index: &'a UnwindIndex,
+    framehop: framehop_baseline::Fh,
     bounds: StackBounds,
     ranges: BusyRanges,
 }
@@ -70,6 +73,8 @@ struct Row {
     warm: f64,
     cold: f64,
     glibc: f64,
+    framehop: f64,
+    framehop_frames: usize,
     slow: f64,
 }
 
@@ -80,6 +85,8 @@ fn walks(ctx: &Ctx, depth: usize, base: usize) -> Row {
         warm: 0.0,
         cold: 0.0,
         glibc: 0.0,
+        framehop: 0.0,
+        framehop_frames: 0,
         slow: 0.0,
     };
     deeper(extra, &mut || {
@@ -91,10 +98,11 @@ fn walks(ctx: &Ctx, depth: usize, base: usize) -> Row {
             black_box(ctx.index.walk_current(ctx.bounds, &ctx.ranges, &mut []));
         });
         let mut own = WalkCache::new();
-        ctx.index
-            .walk_current_in(&mut own, ctx.bounds, &ctx.ranges, &mut []);
-        let (h0, m0) = own.stats();
-        for _ in 0..100 {
+        let (mut h0, mut m0) = (0, 0);
+        for i in 0..101 {
+            if i == 1 {
+                (h0, m0) = own.stats();
+            }
             ctx.index
                 .walk_current_in(&mut own, ctx.bounds, &ctx.ranges, &mut []);
         }
@@ -113,6 +121,18 @@ fn walks(ctx: &Ctx, depth: usize, base: usize) -> Row {
             assert!(o.is_clean());
         }
         row.cold = median(cold);
+        let fh = &ctx.framehop;
+        let mut fh_cache = framehop_baseline::FhCache::new_in();
+        row.framehop_frames =
+            framehop_baseline::walk_here(fh, &mut fh_cache, ctx.bounds.lo(), ctx.bounds.hi());
+        row.framehop = time_us(31, 2000, || {
+            black_box(framehop_baseline::walk_here(
+                fh,
+                &mut fh_cache,
+                ctx.bounds.lo(),
+                ctx.bounds.hi(),
+            ));
+        });
         row.glibc = time_us(31, 200, || {
             let mut buf = [std::ptr::null_mut::<c_void>(); 512];
             // SAFETY: buf has room for 512 entries.
@@ -221,19 +241,20 @@ fn walk_table(index: &UnwindIndex) {
     let ranges = BusyRanges::from_pairs([(0x1000..0x2000, 0), (0x3000..0x4000, 1)]).unwrap();
     let ctx = Ctx {
         index,
+        framehop: framehop_baseline::build(),
         bounds,
         ranges,
     };
     let base = depth_here(&ctx);
     println!("## stack walks (a thread of this bench binary, recursion of one Rust function; {base} frames at the bottom)");
     println!();
-    println!("| frames | ours, warm cache (µs) | ours, cold cache (µs) | glibc backtrace() (µs) | frames per warm walk evaluated from CFI (no fast rule) |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| frames | ours, warm cache (µs) | ours, cold cache (µs) | framehop, warm (µs) | glibc backtrace() (µs) | frames per warm walk evaluated from CFI (no fast rule) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for depth in [10usize, 30, 100] {
         let r = walks(&ctx, depth, base);
         println!(
-            "| {} | {:.3} | {:.2} | {:.2} | {} |",
-            r.depth, r.warm, r.cold, r.glibc, r.slow
+            "| {} | {:.3} | {:.2} | {:.3} ({} frames) | {:.2} | {} |",
+            r.depth, r.warm, r.cold, r.framehop, r.framehop_frames, r.glibc, r.slow
         );
     }
 }
