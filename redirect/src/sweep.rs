@@ -20,7 +20,7 @@
 //! counted, or sees null.
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,8 @@ struct Shared<'a> {
 
 static CURRENT: AtomicPtr<Shared<'static>> = AtomicPtr::new(std::ptr::null_mut());
 static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// Bumped by every handler that finished an action; `run` sleeps on it (futex).
+static DONE_EVENTS: AtomicU32 = AtomicU32::new(0);
 static RUN_LOCK: Mutex<()> = Mutex::new(());
 /// Bit `n` set: kgpatch's handler is installed for signal `n`.
 static INSTALLED: Mutex<u64> = Mutex::new(0);
@@ -128,6 +130,7 @@ impl Sweep {
         let started = Instant::now();
         let mut next_blocked_check = started + Duration::from_millis(2);
         loop {
+            let events = DONE_EVENTS.load(Ordering::SeqCst);
             pending.retain(|&i| {
                 let slot = &slots[i];
                 if slot.done.load(Ordering::Acquire) {
@@ -165,11 +168,9 @@ impl Sweep {
                 report.timed_out.extend(pending.iter().map(|&i| slots[i].tid));
                 break;
             }
-            if now - started < Duration::from_micros(200) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+            let _ = started;
+            // Sleep until a handler reports, or 1 ms passes (to look at blocked threads).
+            futex_wait(&DONE_EVENTS, events, Duration::from_millis(1));
         }
         CURRENT.store(std::ptr::null_mut(), Ordering::SeqCst);
         while INFLIGHT.load(Ordering::SeqCst) != 0 {
@@ -214,6 +215,8 @@ extern "C" fn on_sweep_signal(
         if let Some(slot) = shared.slots.iter().find(|s| s.tid == me) {
             slot.done.store(true, Ordering::Release);
         }
+        DONE_EVENTS.fetch_add(1, Ordering::SeqCst);
+        futex_wake(&DONE_EVENTS);
     }
     INFLIGHT.fetch_sub(1, Ordering::SeqCst);
     set_errno(saved_errno);
@@ -254,6 +257,37 @@ fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
     // SAFETY: tgkill only takes integers.
     let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
     r == 0
+}
+
+fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live aligned u32; FUTEX_WAIT only compares it with `seen` and
+    // sleeps; `ts` is a valid relative timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            seen,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes the sweeping thread. Async-signal-safe (one system call).
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a live aligned u32; FUTEX_WAKE only wakes waiters.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
 }
 
 fn errno() -> libc::c_int {
@@ -308,7 +342,12 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     let bit = 1u64 << (signal - 1);
     // Blocked and still pending: the thread has not taken it. (Blocked but not pending is a
     // thread running our handler right now: the signal is masked during its own handler.)
-    if mask("SigBlk:") & bit != 0 && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0 {
+    // A thread still inside our handler from an earlier sweep also shows the signal blocked
+    // and pending: while any handler runs, do not conclude.
+    if mask("SigBlk:") & bit != 0
+        && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0
+        && INFLIGHT.load(Ordering::SeqCst) == 0
+    {
         ThreadStatus::Blocks
     } else {
         ThreadStatus::Alive

@@ -15,7 +15,7 @@ use super::text::{CodeWriter, SyncMethod};
 use super::trap;
 use super::unwind::{self, Registered};
 use crate::error::{Error, Refusal, Result};
-use crate::sweep::{self, Sweep, SweepReport};
+use crate::sweep::{self, Sweep, SweepAction};
 use crate::tls;
 
 static ALIVE: AtomicBool = AtomicBool::new(false);
@@ -433,8 +433,11 @@ impl Patcher {
                     moved.fetch_add(1, Ordering::Relaxed);
                 }
             };
-            let report = self.writer.sweep().run(&action, self.config.sweep_timeout)?;
-            self.check_unreached(&report, |pc| (p..p + ovl).contains(&pc), "moving threads out of the bytes a patch site overwrites")
+            self.sweep_all(
+                &action,
+                |pc| (p..p + ovl).contains(&pc),
+                "moving threads out of the bytes a patch site overwrites",
+            )
         });
         self.moved
             .fetch_add(moved.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
@@ -447,41 +450,39 @@ impl Patcher {
         result
     }
 
-    /// Threads a sweep did not reach are fine only if they are parked in the kernel at a pc
-    /// that `busy` rejects.
-    fn check_unreached(
+    /// Runs `action` in every thread until each has run it or is parked in the kernel at a
+    /// pc that `busy` rejects (a thread blocking the signal, typically in sigwait or a
+    /// futex). Threads it could not settle are sent the signal again until the deadline.
+    fn sweep_all(
         &self,
-        report: &SweepReport,
+        action: SweepAction<'_>,
         busy: impl Fn(u64) -> bool,
         why: &'static str,
     ) -> Result<()> {
-        let mut stuck: Vec<i32> = report
-            .blocked
-            .iter()
-            .chain(&report.timed_out)
-            .copied()
-            .collect();
-        // A thread that blocks the signal is usually parked in the kernel (sigwait, futex,
-        // epoll): its pc is then known. If it is running, look again for a while.
         let deadline = std::time::Instant::now() + self.config.sweep_timeout;
         loop {
-            stuck.retain(|&tid| {
-                sweep::parked_pc(tid).is_none_or(&busy)
-                    && std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
-            });
-            if stuck.is_empty() || std::time::Instant::now() >= deadline {
-                break;
+            let report = self.writer.sweep().run(action, self.config.sweep_timeout)?;
+            let stuck: Vec<i32> = report
+                .blocked
+                .iter()
+                .chain(&report.timed_out)
+                .copied()
+                .filter(|&tid| {
+                    sweep::parked_pc(tid).is_none_or(&busy)
+                        && std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+                })
+                .collect();
+            if stuck.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::ThreadsUnreachable {
+                    signal: self.writer.sweep().signal(),
+                    tids: stuck,
+                    why,
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
-        if stuck.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::ThreadsUnreachable {
-                signal: self.writer.sweep().signal(),
-                tids: stuck,
-                why,
-            })
         }
     }
 
@@ -585,12 +586,8 @@ impl Patcher {
                 busy.store(true, Ordering::Relaxed);
             }
         };
-        let report = self.writer.sweep().run(&action, self.config.sweep_timeout)?;
-        if busy.load(Ordering::Relaxed)
-            || self
-                .check_unreached(&report, inside, "checking stub memory is unused")
-                .is_err()
-        {
+        let swept = self.sweep_all(&action, inside, "checking stub memory is unused");
+        if busy.load(Ordering::Relaxed) || swept.is_err() {
             return Ok(0);
         }
         let retired = std::mem::take(&mut inner.retired);

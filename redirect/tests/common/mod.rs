@@ -143,7 +143,15 @@ pub fn cxx_lib() -> &'static Lib {
 /// The process's patcher.
 pub fn patcher() -> &'static Patcher {
     static P: OnceLock<Patcher> = OnceLock::new();
-    P.get_or_init(|| Patcher::new(PatcherConfig::default()).expect("patcher"))
+    P.get_or_init(|| {
+        // A long deadline: the test machine is small and shared, and the hammer keeps four
+        // threads spinning on two cores.
+        let config = PatcherConfig {
+            sweep_timeout: std::time::Duration::from_secs(20),
+            ..PatcherConfig::default()
+        };
+        Patcher::new(config).expect("patcher")
+    })
 }
 
 /// Reads `len` bytes of code at `addr`.
