@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kgpatch_stackcheck::{
     current_thread_bounds, register_current_thread, BusyRanges, Regs, UnwindIndex, WalkOutcome,
 };
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 // ---------------------------------------------------------------------------------------
 // Allocation counting: the handler checks that a walk allocates nothing.
@@ -65,6 +65,7 @@ pub enum Variant {
 pub struct Fixture {
     handle: usize,
     syms: HashMap<String, Range<u64>>,
+    sections: HashMap<String, Range<u64>>,
 }
 
 impl Fixture {
@@ -73,6 +74,14 @@ impl Fixture {
         self.syms
             .get(name)
             .unwrap_or_else(|| panic!("fixture has no symbol {name}"))
+            .clone()
+    }
+
+    /// The address range of a section.
+    pub fn section(&self, name: &str) -> Range<u64> {
+        self.sections
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture has no section {name}"))
             .clone()
     }
 
@@ -133,8 +142,11 @@ fn load(variant: Variant) -> Fixture {
     let mut fx = Fixture {
         handle: handle as usize,
         syms: HashMap::new(),
+        sections: HashMap::new(),
     };
     let data = std::fs::read(&path).unwrap();
+    // Mapped and read: the file itself is no longer needed.
+    let _ = std::fs::remove_file(&path);
     let file = object::File::parse(&*data).unwrap();
     let entry = file
         .symbols()
@@ -142,6 +154,12 @@ fn load(variant: Variant) -> Fixture {
         .unwrap()
         .address();
     let bias = fx.stop_fn("fx_entry") as usize as u64 - entry;
+    for sec in file.sections() {
+        if let Ok(n) = sec.name() {
+            let start = bias + sec.address();
+            fx.sections.insert(n.to_string(), start..start + sec.size());
+        }
+    }
     for s in file.symbols() {
         if let Ok(n) = s.name() {
             if n.starts_with("fx_") && s.size() > 0 {

@@ -170,3 +170,32 @@ fn frame_pointer_frames_unwind_through_rbp_from_the_context() {
     );
     assert_eq!(stack.served, 0);
 }
+
+#[test]
+fn plt_entries_unwind_through_their_cfa_expression() {
+    // ld's .plt FDE computes the CFA with an expression over rsp and rip:
+    // rsp + 8 + ((rip & 15) >= 11 ? 8 : 0) (after an entry's `push $n`, at offset 11).
+    let index = index();
+    let fx = fixture(Variant::NoFp);
+    let entry = fx.section(".plt").start + 16; // the first entry after PLT0
+    let b = fx.range("fx_b");
+    let ret = b.start + (b.end - b.start) / 2 + 1;
+    for (off, slot) in [(0u64, 0usize), (6, 0), (11, 1)] {
+        let mut words = vec![0u64; 64];
+        words[slot] = ret;
+        let mut stack = BufStack::new(BASE, words);
+        let (o, frames) = walk(&index, Regs::new(entry + off, BASE, 0), &mut stack);
+        assert_eq!(frames.get(1), Some(&ret), "PLT+{off}: {o:?} {frames:#x?}");
+        assert!(
+            matches!(
+                o,
+                WalkOutcome::Unreliable {
+                    why: UnreliableReason::UnknownCode,
+                    depth: 2,
+                    pc: 0
+                }
+            ),
+            "PLT+{off}: {o:?}"
+        );
+    }
+}
