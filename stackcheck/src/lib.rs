@@ -82,3 +82,10 @@ pub use outcome::{UnreliableReason, WalkOutcome};
 pub use ranges::{BusyRange, BusyRanges, RangesError};
 pub use walk::MAX_FRAMES;
 pub use x86_64::{Reg, Regs};
+
+// The agent shares one index among all threads' signal handlers.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<UnwindIndex>();
+    send_sync::<BusyRanges>();
+};

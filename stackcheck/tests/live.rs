@@ -429,3 +429,57 @@ fn a_thread_interrupted_anywhere_in_ordinary_code_walks_clean() {
         leaves.len()
     );
 }
+
+#[inline(never)]
+fn sleeper(stop: *const AtomicI32, how: u32) {
+    // SAFETY: stop points to the parked thread's [AtomicI32; 2], alive while it runs.
+    let s = unsafe { std::slice::from_raw_parts(stop, 2) };
+    s[1].store(1, Ordering::Release);
+    while s[0].load(Ordering::Acquire) == 0 {
+        match how {
+            0 => std::thread::sleep(std::time::Duration::from_millis(20)), // nanosleep
+            1 => std::thread::park_timeout(std::time::Duration::from_millis(20)), // futex
+            _ => {
+                let mut p = libc::pollfd {
+                    fd: -1,
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd (a negative fd is ignored): a 20 ms sleep in poll.
+                black_box(unsafe { libc::poll(&mut p, 1, 20) });
+            }
+        }
+    }
+}
+
+#[test]
+fn threads_sleeping_in_syscalls_walk_clean() {
+    // The common case on a server: the signal wakes a thread blocked in the kernel; the
+    // interrupted pc is in libc's syscall wrapper.
+    let index = index();
+    let known = sleeper as fn(*const AtomicI32, u32) as usize as u64;
+    let body = own_function("live7sleeper", known, "live7sleeper");
+    for how in 0..3u32 {
+        let t = Parked::start(move |stop| sleeper(stop, how));
+        for _ in 0..20 {
+            let w = walk_thread(t.tid, &index, &BusyRanges::empty(), Mode::Interrupted);
+            assert!(
+                w.outcome.is_clean(),
+                "blocker {how}: {:?} {:#x?}",
+                w.outcome,
+                w.frames
+            );
+            assert!(position_in(&w.frames, &body).is_some(), "{:#x?}", w.frames);
+            let leaf = index.object_for(w.frames[0]).map(|o| o.name.clone());
+            assert!(leaf.is_some(), "interrupted pc in a known object");
+            let busy = BusyRanges::from_pairs([(body.clone(), 1)]).unwrap();
+            let w = walk_thread(t.tid, &index, &busy, Mode::Interrupted);
+            assert!(
+                matches!(w.outcome, WalkOutcome::Busy { range_id: 1, .. }),
+                "{:?}",
+                w.outcome
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
