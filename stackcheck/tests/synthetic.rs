@@ -199,3 +199,51 @@ fn plt_entries_unwind_through_their_cfa_expression() {
         );
     }
 }
+
+/// Pins why the walker is not framehop: framehop 0.16 unwinds a pc outside every module
+/// with a frame-pointer guess and reports the guessed caller as a frame; the walker refuses.
+#[test]
+fn framehop_guesses_a_frame_where_the_walker_refuses() {
+    use framehop::x86_64::UnwindRegsX86_64;
+    use framehop::Unwinder;
+
+    let index = index();
+    let fh = crate::framehop_baseline::build();
+    let mut fh_cache = crate::framehop_baseline::FhCache::new_in();
+    let mut words = vec![0u64; 64];
+    let bp = BASE + 8 * 16;
+    words[16] = BASE + 8 * 32; // "saved rbp"
+    words[17] = 0x5678; // "return address"
+    let jit_pc = 0x1234u64; // no object maps this
+    let mut stack = BufStack::new(BASE, words.clone());
+    let mut read = |a: u64| stack.read_u64(a).ok_or(());
+    let mut it = fh.iter_frames(
+        jit_pc,
+        UnwindRegsX86_64::new(jit_pc, BASE, bp),
+        &mut fh_cache,
+        &mut read,
+    );
+    let mut guessed = Vec::new();
+    while let Ok(Some(f)) = it.next() {
+        guessed.push(f.address());
+    }
+    assert!(
+        guessed.contains(&0x5678),
+        "framehop no longer guesses: {guessed:#x?}"
+    );
+
+    let mut stack = BufStack::new(BASE, words);
+    let (o, frames) = walk(&index, Regs::new(jit_pc, BASE, bp), &mut stack);
+    assert_eq!(frames, [jit_pc]);
+    assert!(
+        matches!(
+            o,
+            WalkOutcome::Unreliable {
+                why: UnreliableReason::UnknownCode,
+                depth: 0,
+                ..
+            }
+        ),
+        "{o:?}"
+    );
+}
