@@ -144,7 +144,9 @@ pub enum Error {
     #[error("a kgpatch patcher already exists in this process; use that one")]
     AlreadyExists,
     /// A site is already installed at that entry.
-    #[error("a patch site is already installed at {entry:#x}; use it instead of installing a second")]
+    #[error(
+        "a patch site is already installed at {entry:#x}; use it instead of installing a second"
+    )]
     AlreadyInstalled {
         /// The entry.
         entry: u64,

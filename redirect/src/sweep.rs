@@ -165,7 +165,9 @@ impl Sweep {
                 break;
             }
             if now >= deadline {
-                report.timed_out.extend(pending.iter().map(|&i| slots[i].tid));
+                report
+                    .timed_out
+                    .extend(pending.iter().map(|&i| slots[i].tid));
                 break;
             }
             let _ = started;
@@ -177,13 +179,11 @@ impl Sweep {
             std::hint::spin_loop();
         }
         // A slot may have been marked done between the last check and the clear.
-        for list in [&mut report.timed_out] {
-            list.retain(|&tid| {
-                !slots
-                    .iter()
-                    .any(|s| s.tid == tid && s.done.load(Ordering::Acquire))
-            });
-        }
+        report.timed_out.retain(|&tid| {
+            !slots
+                .iter()
+                .any(|s| s.tid == tid && s.done.load(Ordering::Acquire))
+        });
         for s in &slots {
             if s.done.load(Ordering::Acquire)
                 && !report.done.contains(&s.tid)
@@ -230,7 +230,9 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     if unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } != 0 {
         return Err(Error::os("sigaction", "reading the sweep signal's handler"));
     }
-    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != on_sweep_signal as *const () as usize {
+    if old.sa_sigaction != libc::SIG_DFL
+        && old.sa_sigaction != on_sweep_signal as *const () as usize
+    {
         return Err(Error::SignalInUse { signal });
     }
     // SAFETY: zeroed is a valid starting sigaction; the fields are set below.
@@ -241,7 +243,10 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     unsafe { libc::sigemptyset(&mut act.sa_mask) };
     // SAFETY: `act` is fully initialised and its handler is async-signal-safe.
     if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
-        return Err(Error::os("sigaction", "installing the sweep signal handler"));
+        return Err(Error::os(
+            "sigaction",
+            "installing the sweep signal handler",
+        ));
     }
     Ok(())
 }

@@ -18,7 +18,11 @@ fn frames(lib: &Lib) -> Vec<u64> {
     let count = lib.addr("cxx_frame_count") as *const i32;
     let frames = lib.addr("cxx_frames") as *const u64;
     // SAFETY: the fixture's globals, written by the call that just returned on this thread.
-    unsafe { (0..(*count).max(0) as usize).map(|i| *frames.add(i)).collect() }
+    unsafe {
+        (0..(*count).max(0) as usize)
+            .map(|i| *frames.add(i))
+            .collect()
+    }
 }
 
 fn in_range(lib: &Lib, name: &str, pcs: &[u64]) -> bool {
@@ -33,7 +37,9 @@ fn exceptions_and_backtraces_cross_both_versions() {
     let (entry, size) = lib.func("cxx_target");
     let (v2, _) = lib.func("cxx_target_v2");
     let caller = f_int(lib, "cxx_caller");
-    let site = p.install(&p.analyze(entry, size, PadHint::Auto).unwrap()).unwrap();
+    let site = p
+        .install(&p.analyze(entry, size, PadHint::Auto).unwrap())
+        .unwrap();
 
     // Old version, through the trampoline.
     assert_eq!(caller(-5), -5);
@@ -69,12 +75,15 @@ fn cancelling_a_thread_blocked_in_a_patched_function_completes() {
     let (v2, _) = lib.func("cxx_blocking_v2");
     let (cancel_addr, _) = lib.func("cxx_cancel_blocked");
     // SAFETY: int cxx_cancel_blocked(int fd, unsigned sleep_us).
-    let cancel: extern "C" fn(i32, u32) -> i32 = unsafe { std::mem::transmute(cancel_addr as usize) };
+    let cancel: extern "C" fn(i32, u32) -> i32 =
+        unsafe { std::mem::transmute(cancel_addr as usize) };
     let mut fds = [0i32; 2];
     // SAFETY: `fds` has room for two descriptors.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
 
-    let site = p.install(&p.analyze(entry, size, PadHint::Auto).unwrap()).unwrap();
+    let site = p
+        .install(&p.analyze(entry, size, PadHint::Auto).unwrap())
+        .unwrap();
     // Original version (the fixture's thread has universe word 0).
     assert_eq!(cancel(fds[0], 30_000), 1);
     // New version, steady.

@@ -13,7 +13,9 @@ fn stub_agrees_with_select() {
     let (entry, size) = lib.func("fx_diff");
     let (v2, _) = lib.func("fx_diff_v2");
     let (v3, _) = lib.func("fx_diff_v3");
-    let site = p.install(&p.analyze(entry, size, PadHint::Auto).unwrap()).unwrap();
+    let site = p
+        .install(&p.analyze(entry, size, PadHint::Auto).unwrap())
+        .unwrap();
     let original = site.original().0;
     let s: &Site = site.site();
     let f = lib.f1("fx_diff");

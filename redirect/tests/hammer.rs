@@ -15,7 +15,11 @@ use crate::common::{asm_lib_copy, patcher};
 /// 10,000 in release builds; 1,000 in debug builds, where the suite must stay short (on
 /// two shared cores a round costs ~20 ms: the sweep waits for four spinning threads to be
 /// scheduled).
-const ROUNDS: usize = if cfg!(debug_assertions) { 1_000 } else { 10_000 };
+const ROUNDS: usize = if cfg!(debug_assertions) {
+    1_000
+} else {
+    10_000
+};
 const THREADS: usize = 4;
 const T: u64 = 5;
 
@@ -93,11 +97,18 @@ fn hammer(tag: &str, name: &str) {
         stats.moved, stats.traps_sent_on, stats.traps_reexecuted
     );
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "wrong results");
-    assert_eq!((calls_after - calls_before) as u64, total, "lost or doubled calls");
+    assert_eq!(
+        (calls_after - calls_before) as u64,
+        total,
+        "lost or doubled calls"
+    );
     assert!(results.iter().all(|r| r.0 > 0), "a worker never ran");
     // Migrated workers saw the new version at some point, the others... may too (settled
     // rounds); every worker ran many calls during the rounds.
-    assert!(results.iter().any(|r| r.2 != 0 && r.1 > 0), "the new version never ran");
+    assert!(
+        results.iter().any(|r| r.2 != 0 && r.1 > 0),
+        "the new version never ran"
+    );
     assert_eq!(crate::common::bytes(entry - 16, size + 16), before);
 }
 

@@ -2,7 +2,7 @@
 //! assembly fixtures and a Rust function. Refusals with their reasons.
 
 use iced_x86::{Decoder, DecoderOptions};
-use kgpatch_redirect::{PadHint, Refusal, Error};
+use kgpatch_redirect::{Error, PadHint, Refusal};
 use kgpatch_universe::{word::migrated_value, Version};
 
 use crate::common::{asm_lib, bytes, c_lib, in_universe, patcher, Lib, C_VARIANTS};
@@ -22,15 +22,27 @@ fn round_trip(lib: &Lib, name: &str, v2: &str, arg: i64) -> kgpatch_redirect::Si
 
     let a = p.analyze(entry, size, PadHint::Auto).unwrap();
     let site = p.install(&a).unwrap();
-    assert_ne!(bytes(entry - 16, size + 16), before, "{name}: nothing was written");
+    assert_ne!(
+        bytes(entry - 16, size + 16),
+        before,
+        "{name}: nothing was written"
+    );
     assert_eq!(f(arg), old, "{name}: steady at the original");
     assert_eq!(site.site().steady_version(), Some(site.original()));
 
     let s = site.site();
     s.begin(3, Version(new_entry));
-    assert_eq!(in_universe(migrated_value(3), move || f(arg)), new, "{name}: migrated");
+    assert_eq!(
+        in_universe(migrated_value(3), move || f(arg)),
+        new,
+        "{name}: migrated"
+    );
     assert_eq!(in_universe(0, move || f(arg)), old, "{name}: not migrated");
-    assert_eq!(in_universe(migrated_value(2), move || f(arg)), old, "{name}: older word");
+    assert_eq!(
+        in_universe(migrated_value(2), move || f(arg)),
+        old,
+        "{name}: older word"
+    );
     s.settle();
     assert_eq!(in_universe(0, move || f(arg)), new, "{name}: settled");
 
@@ -48,7 +60,11 @@ fn round_trip(lib: &Lib, name: &str, v2: &str, arg: i64) -> kgpatch_redirect::Si
     assert_eq!(f(arg), old);
 
     p.remove(entry).unwrap();
-    assert_eq!(bytes(entry - 16, size + 16), before, "{name}: bytes not restored");
+    assert_eq!(
+        bytes(entry - 16, size + 16),
+        before,
+        "{name}: bytes not restored"
+    );
     assert_eq!(f(arg), old);
     a
 }
@@ -155,7 +171,10 @@ fn refusals_say_why() {
 
     let (entry, size) = asm_lib().func("asm_multi");
     let err = p.analyze(entry, size, PadHint::Required).unwrap_err();
-    assert!(matches!(err, Error::Refused(Refusal::NoPad { .. })), "{err}");
+    assert!(
+        matches!(err, Error::Refused(Refusal::NoPad { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -183,7 +202,10 @@ fn a_second_install_and_foreign_jumps_are_refused() {
     write_code(entry, &jump);
     assert!(matches!(p.install(&a), Err(Error::Stale { .. })));
     let err = p.analyze(entry, size, PadHint::Auto).unwrap_err();
-    assert!(matches!(err, Error::Refused(Refusal::ForeignPatch { .. })), "{err}");
+    assert!(
+        matches!(err, Error::Refused(Refusal::ForeignPatch { .. })),
+        "{err}"
+    );
     write_code(entry, &saved);
     p.analyze(entry, size, PadHint::Auto).unwrap();
 }

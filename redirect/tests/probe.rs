@@ -47,7 +47,10 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
         (n, byte)
     });
     let tid = tid_rx.recv().unwrap();
-    assert!(parked_at(tid, entry + 5), "the reader never blocked in asm_probe");
+    assert!(
+        parked_at(tid, entry + 5),
+        "the reader never blocked in asm_probe"
+    );
     let moved_before = p.stats().moved;
 
     let before = bytes(entry, size);

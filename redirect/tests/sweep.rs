@@ -62,7 +62,9 @@ fn every_thread_runs_the_action_and_blocked_ones_are_reported() {
 fn tls_slot_is_at_one_offset_in_every_thread() {
     let here = tls::offset_in_this_thread();
     assert_eq!(i64::from(patcher().tls_offset()), here);
-    let there = std::thread::spawn(tls::offset_in_this_thread).join().unwrap();
+    let there = std::thread::spawn(tls::offset_in_this_thread)
+        .join()
+        .unwrap();
     assert_eq!(here, there);
     // The word the stub reads is the ThreadState's word.
     tls::set_current_word_for_testing(42);

@@ -8,7 +8,9 @@
 //! instructions covering the jump's bytes are the *overwritten* instructions; they are
 //! relocated into a trampoline for the original version.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
+};
 
 use crate::error::Refusal;
 
@@ -114,7 +116,11 @@ pub fn analyze_bytes(
         PadHint::Required => return Err(Refusal::NoPad { entry }),
         PadHint::Auto => None,
     };
-    let jump_len = if pad_jump.is_some() { JMP8_LEN } else { JMP32_LEN };
+    let jump_len = if pad_jump.is_some() {
+        JMP8_LEN
+    } else {
+        JMP32_LEN
+    };
     let needed = (skip + jump_len) as u64;
     if size < needed {
         return Err(Refusal::TooShort {
@@ -233,7 +239,9 @@ mod tests {
     #[test]
     fn push_prologue_covers_three_instructions() {
         // push rbp; push rbx; push r12; mov eax, edi; pop r12; pop rbx; pop rbp; ret
-        let code = [0x55, 0x53, 0x41, 0x54, 0x89, 0xf8, 0x41, 0x5c, 0x5b, 0x5d, 0xc3];
+        let code = [
+            0x55, 0x53, 0x41, 0x54, 0x89, 0xf8, 0x41, 0x5c, 0x5b, 0x5d, 0xc3,
+        ];
         let a = analyze_bytes(AT, &code, &[], PadHint::Auto).unwrap();
         assert_eq!(a.patch_point(), AT);
         assert_eq!(a.instruction_offsets(), vec![0, 1, 2, 4]);

@@ -85,10 +85,8 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
         false,
         Register::FS,
     );
-    let mut jmp_from = Instruction::with1(
-        Code::Jmp_rm64,
-        rip_rel(site + site_offsets::FROM as u64),
-    )?;
+    let mut jmp_from =
+        Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::FROM as u64))?;
     // Any address will do as a label, as long as it is unique in the block.
     jmp_from.set_ip(1);
     let block = [
@@ -102,14 +100,24 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
         Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::TO as u64))?,
         jmp_from,
     ];
-    Ok(BlockEncoder::encode(64, InstructionBlock::new(&block, at), BlockEncoderOptions::NONE)?.code_buffer)
+    Ok(BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&block, at),
+        BlockEncoderOptions::NONE,
+    )?
+    .code_buffer)
 }
 
 /// `jmp qword [rip+slot]` at `at`: a jump through a data word (the fast path to a version
 /// out of `jmp rel32` reach).
 pub fn jmp_through(at: u64, slot: u64) -> Result<Vec<u8>, IcedError> {
     let i = Instruction::with1(Code::Jmp_rm64, rip_rel(slot))?;
-    Ok(BlockEncoder::encode(64, InstructionBlock::new(&[i], at), BlockEncoderOptions::NONE)?.code_buffer)
+    Ok(BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&[i], at),
+        BlockEncoderOptions::NONE,
+    )?
+    .code_buffer)
 }
 
 /// `jmp rel32` from `at` to `target`, if in reach.
@@ -151,7 +159,10 @@ mod tests {
         let site = at + 0x4000;
         let code = stub(at, site, -0x40).unwrap();
         // mov r11, fs:[-0x40] must be the sign-extended disp32 form (no 0x67 prefix).
-        assert_eq!(&code[..9], &[0x64, 0x4c, 0x8b, 0x1c, 0x25, 0xc0, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            &code[..9],
+            &[0x64, 0x4c, 0x8b, 0x1c, 0x25, 0xc0, 0xff, 0xff, 0xff]
+        );
         let text = disasm(&code, at);
         assert_eq!(
             text,

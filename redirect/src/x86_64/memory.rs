@@ -115,7 +115,10 @@ impl Pool {
 
     /// Writes `bytes` at `offset` of the slot's code.
     pub fn write_code(&self, slot: &Slot, offset: u64, bytes: &[u8]) {
-        assert!(offset + bytes.len() as u64 <= CODE_SLOT, "code slot overflow");
+        assert!(
+            offset + bytes.len() as u64 <= CODE_SLOT,
+            "code slot overflow"
+        );
         // SAFETY: the destination lies inside the slot's part of the RW view, which stays
         // mapped for the life of the process; see the module docs for why no thread
         // executes it meanwhile.
@@ -269,7 +272,10 @@ fn candidates(reach: &[u64]) -> Option<Vec<u64>> {
     let mut gaps = Vec::new();
     let mut prev_end = LOWEST;
     let mut prev_heap = false;
-    for &(start, end, heap) in used.iter().chain(std::iter::once(&(HIGHEST, HIGHEST, false))) {
+    for &(start, end, heap) in used
+        .iter()
+        .chain(std::iter::once(&(HIGHEST, HIGHEST, false)))
+    {
         if start > prev_end {
             // Leave a page between us and our neighbours, and room for the heap to grow.
             let gap_lo = prev_end + PAGE + if prev_heap { 256 << 20 } else { 0 };

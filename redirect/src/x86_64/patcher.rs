@@ -158,7 +158,13 @@ impl std::fmt::Debug for Patcher {
 }
 
 /// The original pc in the overwritten bytes → where its copy is in the trampoline.
-pub fn moved_pc(pc: u64, patch_point: u64, len: u64, tramp: u64, map: &[(u64, u64)]) -> Option<u64> {
+pub fn moved_pc(
+    pc: u64,
+    patch_point: u64,
+    len: u64,
+    tramp: u64,
+    map: &[(u64, u64)],
+) -> Option<u64> {
     if pc < patch_point || pc >= patch_point + len {
         return None;
     }
@@ -267,9 +273,7 @@ impl Patcher {
         let p = a.patch_point;
         let ovl = a.original.len() as u64;
         let now = self.writer.read(p, a.original.len()).ok();
-        let pad_now = a
-            .pad_jump
-            .and_then(|j| self.writer.read(j, JMP32_LEN).ok());
+        let pad_now = a.pad_jump.and_then(|j| self.writer.read(j, JMP32_LEN).ok());
         if now.as_deref() != Some(&a.original[..])
             || (a.pad_jump.is_some() && pad_now.as_deref() != Some(&a.pad_original[..]))
         {
@@ -288,12 +292,15 @@ impl Patcher {
         };
         let tramp_addr = slot.code + memory::TRAMPOLINE;
         inner.pool.write_code(&slot, memory::STUB, &stub);
-        inner.pool.write_code(&slot, memory::TRAMPOLINE, &tramp.code);
-        let thunk = encode::jmp_through(slot.code + memory::THUNK, slot.data + memory::THUNK_TARGET)
-            .map_err(|e| Error::Encode {
-                entry,
-                message: e.to_string(),
-            })?;
+        inner
+            .pool
+            .write_code(&slot, memory::TRAMPOLINE, &tramp.code);
+        let thunk =
+            encode::jmp_through(slot.code + memory::THUNK, slot.data + memory::THUNK_TARGET)
+                .map_err(|e| Error::Encode {
+                    entry,
+                    message: e.to_string(),
+                })?;
         inner.pool.write_code(&slot, memory::THUNK, &thunk);
         let site = init_site(&slot, Version(tramp_addr));
         let stub_addr = slot.code + memory::STUB;
@@ -362,12 +369,8 @@ impl Patcher {
         let p = a.patch_point;
         let tramp_addr = slot.code + memory::TRAMPOLINE;
         let tramp = encode::trampoline(&a.instructions, p, tramp_addr, p + a.original.len() as u64)
-            .map_err(|e| {
-                match a
-                    .instructions
-                    .iter()
-                    .find(|i| i.is_ip_rel_memory_operand())
-                {
+            .map_err(
+                |e| match a.instructions.iter().find(|i| i.is_ip_rel_memory_operand()) {
                     Some(i) => Error::Refused(Refusal::RipRelativeOutOfRange {
                         ip: i.ip(),
                         target: i.ip_rel_memory_address(),
@@ -376,20 +379,24 @@ impl Patcher {
                         entry,
                         message: e.to_string(),
                     },
-                }
-            })?;
+                },
+            )?;
         if tramp.code.len() as u64 > memory::CODE_SLOT - memory::TRAMPOLINE {
             return Err(Error::Encode {
                 entry,
-                message: format!("trampoline of {} bytes does not fit its slot", tramp.code.len()),
+                message: format!(
+                    "trampoline of {} bytes does not fit its slot",
+                    tramp.code.len()
+                ),
             });
         }
-        let stub = encode::stub(slot.code + memory::STUB, slot.data, self.tls_offset).map_err(
-            |e| Error::Encode {
-                entry,
-                message: e.to_string(),
-            },
-        )?;
+        let stub =
+            encode::stub(slot.code + memory::STUB, slot.data, self.tls_offset).map_err(|e| {
+                Error::Encode {
+                    entry,
+                    message: e.to_string(),
+                }
+            })?;
         if stub.len() as u64 > memory::THUNK {
             return Err(Error::Encode {
                 entry,
@@ -491,7 +498,10 @@ impl Patcher {
     /// before beginning a transition on the site.
     pub fn set_fast_path(&self, entry: u64, version: Option<Version>) -> Result<()> {
         let inner = self.lock();
-        let rec = inner.sites.get(&entry).ok_or(Error::NotInstalled { entry })?;
+        let rec = inner
+            .sites
+            .get(&entry)
+            .ok_or(Error::NotInstalled { entry })?;
         if let Some(v) = version {
             if rec.handle.site.steady_version() != Some(v) {
                 return Err(Error::WrongState {
@@ -531,7 +541,10 @@ impl Patcher {
     /// [`Patcher::reclaim`].
     pub fn remove(&self, entry: u64) -> Result<()> {
         let mut inner = self.lock();
-        let rec = inner.sites.get(&entry).ok_or(Error::NotInstalled { entry })?;
+        let rec = inner
+            .sites
+            .get(&entry)
+            .ok_or(Error::NotInstalled { entry })?;
         if rec.handle.site.steady_version() != Some(rec.handle.original) {
             return Err(Error::WrongState {
                 entry,
@@ -540,11 +553,14 @@ impl Patcher {
         }
         let a = &rec.analysis;
         let p = a.patch_point;
-        let current = self.writer.read(p, a.jump_len).map_err(|source| Error::Os {
-            call: "pread(/proc/self/mem)",
-            doing: "reading a patch site",
-            source,
-        })?;
+        let current = self
+            .writer
+            .read(p, a.jump_len)
+            .map_err(|source| Error::Os {
+                call: "pread(/proc/self/mem)",
+                doing: "reading a patch site",
+                source,
+            })?;
         self.writer
             .rewrite(p, current[0], &a.original[..a.jump_len], || Ok(()))?;
         if let Some(j) = a.pad_jump {
@@ -553,7 +569,8 @@ impl Patcher {
                 doing: "reading a patch site",
                 source,
             })?;
-            self.writer.rewrite(j, current[0], &a.pad_original, || Ok(()))?;
+            self.writer
+                .rewrite(j, current[0], &a.pad_original, || Ok(()))?;
             trap::register(j, 0)?;
         }
         trap::register(p, 0)?;

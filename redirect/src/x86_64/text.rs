@@ -112,7 +112,10 @@ impl CodeWriter {
         match self.method {
             SyncMethod::Membarrier => {
                 if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
-                    return Err(Error::os("membarrier", "serialising cores after a code write"));
+                    return Err(Error::os(
+                        "membarrier",
+                        "serialising cores after a code write",
+                    ));
                 }
                 Ok(())
             }

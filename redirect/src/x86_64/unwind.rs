@@ -60,6 +60,10 @@ fn dwarf_reg(r: Register) -> Option<u8> {
     })
 }
 
+/// A CFA rule change: at `.0` (offset in the range), CFA = rsp + `.1` (0: unknown from
+/// there on); optionally register `.2.0` saved at CFA - `.2.1`.
+pub type Step = (u64, u64, Option<(u8, u64)>);
+
 /// One code range and the CFA rule changes inside it: `(offset, cfa offset from rsp, saved
 /// register and its CFA-relative slot)`.
 #[derive(Debug, Clone)]
@@ -70,12 +74,12 @@ pub struct Range {
     pub len: u64,
     /// Rule changes: at `offset`, CFA = rsp + `cfa`; optionally `reg` saved at CFA - `slot`.
     /// `cfa == 0` means the rule is unknown from there on.
-    pub steps: Vec<(u64, u64, Option<(u8, u64)>)>,
+    pub steps: Vec<Step>,
 }
 
 /// The CFA steps of a trampoline whose relocated instructions are `ins` at trampoline
 /// offsets `offsets` (one more offset than instructions: the jump back).
-pub fn trampoline_steps(ins: &[Instruction], offsets: &[u64]) -> Vec<(u64, u64, Option<(u8, u64)>)> {
+pub fn trampoline_steps(ins: &[Instruction], offsets: &[u64]) -> Vec<Step> {
     let mut cfa = 8u64;
     let mut steps = Vec::new();
     for (i, ins) in ins.iter().enumerate() {
@@ -89,10 +93,17 @@ pub fn trampoline_steps(ins: &[Instruction], offsets: &[u64]) -> Vec<(u64, u64, 
             }
             (Mnemonic::Sub | Mnemonic::Add, OpKind::Register)
                 if ins.op0_register() == Register::RSP
-                    && matches!(ins.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64) =>
+                    && matches!(
+                        ins.op1_kind(),
+                        OpKind::Immediate8to64 | OpKind::Immediate32to64
+                    ) =>
             {
                 let imm = ins.immediate(1) as i64;
-                let delta = if ins.mnemonic() == Mnemonic::Sub { imm } else { -imm };
+                let delta = if ins.mnemonic() == Mnemonic::Sub {
+                    imm
+                } else {
+                    -imm
+                };
                 cfa = (cfa as i64 + delta) as u64;
                 true
             }
@@ -223,7 +234,11 @@ mod tests {
         let steps = trampoline_steps(&ins, &[0, 1, 3, 7]);
         assert_eq!(
             steps,
-            vec![(1, 16, Some((6, 16))), (3, 24, Some((12, 24))), (7, 48, None)]
+            vec![
+                (1, 16, Some((6, 16))),
+                (3, 24, Some((12, 24))),
+                (7, 48, None)
+            ]
         );
     }
 
@@ -240,7 +255,10 @@ mod tests {
         let fde_len = u32::from_le_bytes(img[fde..fde + 4].try_into().unwrap()) as usize;
         let cie_ptr = u32::from_le_bytes(img[fde + 4..fde + 8].try_into().unwrap()) as usize;
         assert_eq!(cie_ptr, fde + 4);
-        assert_eq!(u64::from_le_bytes(img[fde + 8..fde + 16].try_into().unwrap()), 0x1000);
+        assert_eq!(
+            u64::from_le_bytes(img[fde + 8..fde + 16].try_into().unwrap()),
+            0x1000
+        );
         assert_eq!(&img[fde + 4 + fde_len..], &[0, 0, 0, 0]);
         // advance 1; def_cfa_offset 16; rbp at cfa-16
         assert_eq!(&img[fde + 25..fde + 30], &[0x41, 0x0e, 16, 0x86, 2]);

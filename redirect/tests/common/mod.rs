@@ -70,8 +70,13 @@ fn compile(name: &str, compiler: &str, sources: &[&str], flags: &[&str]) -> Path
     for s in sources {
         cmd.arg(Path::new(FIXTURES).join(s));
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
-    assert!(status.success(), "{compiler} failed to build fixture {name}");
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+    assert!(
+        status.success(),
+        "{compiler} failed to build fixture {name}"
+    );
     out
 }
 
@@ -109,10 +114,27 @@ pub const C_VARIANTS: &[(&str, &[&str])] = &[
     ("o0", &["-O0"]),
     ("o0_nofp", &["-O0", "-fomit-frame-pointer"]),
     ("o2", &["-O2", "-fcf-protection=none"]),
-    ("o2_fp", &["-O2", "-fno-omit-frame-pointer", "-fcf-protection=none"]),
+    (
+        "o2_fp",
+        &["-O2", "-fno-omit-frame-pointer", "-fcf-protection=none"],
+    ),
     ("o2_cet", &["-O2", "-fcf-protection=full"]),
-    ("o2_pad", &["-O2", "-fpatchable-function-entry=16,14", "-fcf-protection=none"]),
-    ("o0_pad_cet", &["-O0", "-fpatchable-function-entry=16,14", "-fcf-protection=full"]),
+    (
+        "o2_pad",
+        &[
+            "-O2",
+            "-fpatchable-function-entry=16,14",
+            "-fcf-protection=none",
+        ],
+    ),
+    (
+        "o0_pad_cet",
+        &[
+            "-O0",
+            "-fpatchable-function-entry=16,14",
+            "-fcf-protection=full",
+        ],
+    ),
 ];
 
 /// One C variant.
@@ -137,7 +159,12 @@ pub fn asm_lib_copy(tag: &str) -> &'static Lib {
 
 /// The C++ fixture.
 pub fn cxx_lib() -> &'static Lib {
-    load("fix_cxx", "g++", &["fixture.cpp"], &["-O2", "-fcf-protection=none"])
+    load(
+        "fix_cxx",
+        "g++",
+        &["fixture.cpp"],
+        &["-O2", "-fcf-protection=none"],
+    )
 }
 
 /// The process's patcher.
