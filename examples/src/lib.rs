@@ -71,3 +71,11 @@ pub fn server_path(variant: Variant) -> &'static Path {
 pub fn server_source_dir() -> &'static Path {
     Path::new(env!("KGPATCH_DEMO_SERVER_SRC"))
 }
+
+/// The generated `kvserver_syms.h`: for each patch target the size and FNV-1a-64 checksum
+/// of its body (`KVSYM_SIZE(kv_encode)`, `KVSYM_FNV(kv_parse_amount__proto_c)`) and
+/// `KVSYM_BUILD_ID`, for `kvserver-fp`, or for `kvserver-nofp` when the patch is compiled
+/// with `-DKV_TARGET_NOFP`.
+pub fn server_symbols_header() -> &'static Path {
+    Path::new(env!("KGPATCH_DEMO_SYMS_H"))
+}

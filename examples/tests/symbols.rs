@@ -126,3 +126,144 @@ fn patch_targets_are_real_functions() {
 fn has_frame_setup(code: &[u8]) -> bool {
     code.windows(4).any(|w| w == PUSH_RBP_MOV_RBP_RSP)
 }
+
+/// The `#define KVSYM_...` values of one variant's half of kvserver_syms.h.
+fn header_values(nofp: bool) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(kgpatch_examples::server_symbols_header()).unwrap();
+    let mut in_nofp = false;
+    let mut in_fp = false;
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        match line {
+            "#ifdef KV_TARGET_NOFP" => in_nofp = true,
+            "#else" => (in_nofp, in_fp) = (false, true),
+            "#endif" => in_fp = false,
+            _ => {
+                if in_nofp == nofp && in_fp != nofp {
+                    if let Some(def) = line.strip_prefix("#define KVSYM_") {
+                        let (k, v) = def.split_once(' ').unwrap();
+                        out.insert(k.to_string(), v.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn generated_header_matches_what_the_loader_checks() {
+    for v in Variant::ALL {
+        let values = header_values(v == Variant::NoFramePointers);
+        assert_eq!(values.len(), 1 + 2 * 9, "{}: {values:?}", v.name());
+        let path = server_path(v);
+        let id = kgpatch_kmod::file_build_id(path)
+            .unwrap()
+            .expect("a build-id");
+        assert_eq!(values["BUILD_ID"], format!("\"{id}\""), "{}", v.name());
+        for (name, file) in [
+            ("kv_parse_amount", Some("proto.c")),
+            ("kv_encode", None),
+            ("kv_decode", None),
+            ("kv_transcode", None),
+            ("kv_slow_path", None),
+            ("kv_checksum", None),
+            ("kv_compact_step", None),
+            ("kv_local_mix", Some("store.c")),
+            ("kv_local_mix", Some("compact.c")),
+        ] {
+            let found = kgpatch_kmod::describe_symbol(path, name, file).unwrap();
+            assert_eq!(found.len(), 1, "{}: {name} {file:?}: {found:?}", v.name());
+            let key = match file {
+                Some(f) => format!("{name}__{}", f.replace('.', "_")),
+                None => name.to_string(),
+            };
+            assert_eq!(
+                values[&format!("{key}_SIZE")],
+                found[0].size.to_string(),
+                "{key}"
+            );
+            let sum = found[0].checksum.expect("a checksum");
+            assert_eq!(
+                values[&format!("{key}_FNV")],
+                format!("0x{sum:016x}ull"),
+                "{key}"
+            );
+        }
+        // without the file, the duplicate static name is ambiguous
+        assert_eq!(
+            kgpatch_kmod::describe_symbol(path, "kv_local_mix", None)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+}
+
+#[test]
+fn generated_header_compiles_into_a_patch_manifest() {
+    let dir = std::env::temp_dir().join(format!("kvsyms-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("probe.c");
+    std::fs::write(
+        &src,
+        r#"#include <stddef.h>
+#include "kgpatch.h"
+#include "kvserver.h"
+#include "kvserver_syms.h"
+KGPATCH_MODULE("probe", "1", "checks that the generated header is usable");
+KGPATCH_TARGET_EXE_BUILD_ID(KVSYM_BUILD_ID);
+int probe_parse_amount(const char *s, size_t n, long *out) { (void)s; (void)n; *out = 0; return 0; }
+KGPATCH_REPLACE_LOCAL("kv_parse_amount", "proto.c", probe_parse_amount,
+                      KVSYM_SIZE(kv_parse_amount__proto_c), KVSYM_FNV(kv_parse_amount__proto_c));
+_Static_assert(KVSYM_SIZE(kv_encode) >= 16, "a site fits");
+"#,
+    )
+    .unwrap();
+    let kmod_include = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kmod/include");
+    for nofp in [false, true] {
+        let so = dir.join(format!("probe-{nofp}.so"));
+        let mut cmd = std::process::Command::new("cc");
+        cmd.args(["-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"])
+            .arg("-I")
+            .arg(&kmod_include)
+            .arg("-I")
+            .arg(kgpatch_examples::server_source_dir())
+            .arg("-I")
+            .arg(kgpatch_examples::server_symbols_header().parent().unwrap());
+        if nofp {
+            cmd.arg("-DKV_TARGET_NOFP");
+        }
+        let out = cmd.arg(&src).arg("-o").arg(&so).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = kgpatch_kmod::inspect(&so).unwrap();
+        let variant = if nofp {
+            Variant::NoFramePointers
+        } else {
+            Variant::FramePointers
+        };
+        let target =
+            kgpatch_kmod::describe_symbol(server_path(variant), "kv_parse_amount", Some("proto.c"))
+                .unwrap()
+                .remove(0);
+        assert_eq!(m.functions.len(), 1);
+        let f = &m.functions[0];
+        assert_eq!(
+            (f.old.name.as_str(), f.old.file.as_deref()),
+            ("kv_parse_amount", Some("proto.c"))
+        );
+        assert_eq!(f.new_symbol, "probe_parse_amount");
+        assert_eq!(
+            (f.expected_size, f.checksum),
+            (Some(target.size), target.checksum),
+            "nofp={nofp}"
+        );
+        let id = kgpatch_kmod::file_build_id(server_path(variant)).unwrap();
+        assert_eq!(m.target.build_id, id, "nofp={nofp}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
