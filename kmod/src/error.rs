@@ -174,7 +174,7 @@ pub enum KmodError {
         /// What was needed.
         expected: &'static str,
         /// What was found.
-        found: String,
+        found: &'static str,
     },
     /// The old function's size differs from the manifest's.
     #[error("{symbol} in {} is {found} bytes, but the patch expects {expected}: the target was rebuilt; rebuild the patch against it", path.display())]

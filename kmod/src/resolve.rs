@@ -263,7 +263,7 @@ fn lookup<'a>(info: &'a TargetInfo, spec: &SymbolSpec, bias: u64) -> Result<Look
     }
 }
 
-fn kind_name(k: SymKind) -> String {
+fn kind_name(k: SymKind) -> &'static str {
     match k {
         SymKind::Function => "function",
         SymKind::IndirectFunction => "GNU indirect function (patch its implementations instead)",
@@ -271,7 +271,6 @@ fn kind_name(k: SymKind) -> String {
         SymKind::ThreadLocal => "thread-local variable (it has no single address)",
         SymKind::NoType => "symbol without type",
     }
-    .to_owned()
 }
 
 /// Finds the object the manifest targets among `objects`.
