@@ -76,12 +76,27 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
     kgpatch_redirect::tls::set_current_word_for_testing(0);
     site.site().settle_back();
 
+    // Removing the site restores the bytes; its memory cannot be reclaimed while the
+    // reader stands in the trampoline.
+    p.remove(entry).unwrap();
+    assert_eq!(bytes(entry, size), before);
+    assert_eq!(p.reclaim().unwrap(), 0, "reclaimed a trampoline a thread is parked in");
+    assert!(p.code_ranges().iter().any(|r| r.entry == entry && !r.live));
+
     // SAFETY: writing one byte from a live buffer to our pipe.
     assert_eq!(unsafe { libc::write(wr, b"k".as_ptr().cast(), 1) }, 1);
     assert_eq!(reader.join().unwrap(), (1, b'k'));
-
-    p.remove(entry).unwrap();
-    assert_eq!(bytes(entry, size), before);
+    // Other tests may have a thread inside their own removed stubs for a moment.
+    let mut freed = false;
+    for _ in 0..200 {
+        p.reclaim().unwrap();
+        if !p.code_ranges().iter().any(|r| r.entry == entry) {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(freed, "the trampoline was never reclaimed after the reader left");
     // SAFETY: closing our own descriptors.
     unsafe {
         libc::close(rd);

@@ -4,6 +4,7 @@ mod common;
 
 mod cxx;
 mod differential;
+mod generated;
 mod hammer;
 mod install;
 mod probe;
