@@ -4,7 +4,8 @@
 use std::sync::OnceLock;
 
 use kgpatch_stackcheck::{
-    BusyRanges, Regs, UnreliableReason, UnwindIndex, WalkCache, WalkOutcome, MAX_FRAMES,
+    BusyRanges, Regs, StackBounds, UnreliableReason, UnwindIndex, WalkCache, WalkOutcome,
+    MAX_FRAMES,
 };
 use proptest::prelude::*;
 
@@ -107,5 +108,111 @@ proptest! {
         // The reader is the only way the walker reads stack memory; a refused read is
         // never turned into data.
         prop_assert!(stack.served <= 8 * n + 8);
+    }
+}
+
+/// A page of fake stack between two inaccessible guard pages: a read outside it would
+/// crash the test process with SIGSEGV.
+struct Guarded {
+    base: usize,
+}
+
+impl Guarded {
+    fn new() -> Guarded {
+        // SAFETY: a fresh private anonymous mapping of three pages; the outer two are made
+        // inaccessible.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                3 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mprotect(p, 4096, libc::PROT_NONE), 0);
+            assert_eq!(
+                libc::mprotect(p.cast::<u8>().add(2 * 4096).cast(), 4096, libc::PROT_NONE),
+                0
+            );
+            Guarded { base: p as usize }
+        }
+    }
+
+    fn page(&self) -> u64 {
+        self.base as u64 + 4096
+    }
+
+    fn fill(&self, words: &[u64]) {
+        // SAFETY: the middle page is readable and writable, 512 words long.
+        let page = unsafe { std::slice::from_raw_parts_mut(self.page() as *mut u64, 512) };
+        for (i, w) in page.iter_mut().enumerate() {
+            *w = words[i % words.len()];
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in new().
+        unsafe { libc::munmap(self.base as *mut libc::c_void, 3 * 4096) };
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, .. ProptestConfig::default() })]
+
+    /// The live reader over a guarded page: random contents, random registers, never a
+    /// read outside the page (it would crash the process).
+    #[test]
+    fn live_reader_never_leaves_a_guarded_page(
+        words in proptest::collection::vec(word_at(0x1000), 64),
+        rip in word_at(0x1000),
+        sp_off in prop_oneof![0u64..4096, 3840u64..4096],
+        rbp in word_at(0x1000),
+    ) {
+        let w = world();
+        let g = GUARD.with(|g| g.page());
+        let words: Vec<u64> = words.into_iter().map(|x| relocate(x, g)).collect();
+        GUARD.with(|guard| guard.fill(&words));
+        // SAFETY: the page is mapped readable for the whole walk (GUARD lives as long as
+        // this thread).
+        let bounds = unsafe { StackBounds::new_unchecked(g, g + 4096) };
+        let regs = Regs::new(relocate(rip, g), g + sp_off, relocate(rbp, g));
+        let mut cache = WalkCache::new();
+        let (o, n) = w.index.walk_live(&mut cache, &regs, bounds, &BusyRanges::empty(), &mut []);
+        prop_assert!(n <= usize::from(MAX_FRAMES));
+        if let WalkOutcome::Clean { depth } = o {
+            prop_assert_eq!(usize::from(depth), n);
+        }
+    }
+}
+
+thread_local! {
+    static GUARD: Guarded = Guarded::new();
+}
+
+/// Placeholder base for stack pointers in generated words, replaced by the real page.
+const FAKE: u64 = 0x7300_0000_0000;
+
+/// Like [`word`], with stack pointers relative to [`FAKE`] (relocated onto the page).
+fn word_at(span: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => (0usize..64, 0u64..4).prop_map(|(i, d)| {
+            let c = &world().code;
+            c[i % c.len()].wrapping_add(d)
+        }),
+        1 => (0u64..span + 64).prop_map(|o| FAKE.wrapping_add(o).wrapping_sub(32)),
+        1 => any::<u64>(),
+        1 => Just(0u64),
+    ]
+}
+
+fn relocate(x: u64, page: u64) -> u64 {
+    if (FAKE.wrapping_sub(64)..FAKE + 0x2000).contains(&x) {
+        x.wrapping_sub(FAKE).wrapping_add(page)
+    } else {
+        x
     }
 }
