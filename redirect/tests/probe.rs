@@ -5,7 +5,8 @@
 //! blocked in it stands right after the `syscall`; the sweep's signal restarts the call, so
 //! its context says pc = entry+3 (the `syscall` instruction itself, inside the site's
 //! bytes). The sweep must move it to the trampoline's copy of the `syscall`, where it blocks
-//! again; the kernel then shows the thread parked in the trampoline.
+//! again; the kernel then shows the thread parked in the trampoline. Its memory is not
+//! reclaimed while it stands there.
 
 use std::time::{Duration, Instant};
 
