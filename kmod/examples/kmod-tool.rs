@@ -4,7 +4,11 @@
 //! cargo run -p kgpatch-kmod --example kmod-tool -- inspect fix.so [--json]
 //! cargo run -p kgpatch-kmod --example kmod-tool -- describe <target> <symbol> [file.c]
 //! cargo run -p kgpatch-kmod --example kmod-tool -- build-id <target>
+//! cargo run -p kgpatch-kmod --example kmod-tool -- check fix.so <target>
 //! ```
+//!
+//! `check` resolves the module against the target *file* (link-time addresses, nothing
+//! loaded): every symbol, size, checksum and build-id the live loader will check.
 //!
 //! `describe` prints each candidate with the size and checksum a patch entry must carry, and
 //! the matching `KGPATCH_REPLACE*` / `replace!` line.
@@ -21,6 +25,7 @@ fn main() -> ExitCode {
         }
         ["describe", target, symbol] => describe(target, symbol, None),
         ["describe", target, symbol, file] => describe(target, symbol, Some(file)),
+        ["check", module, target] => check(module, target),
         ["build-id", target] => kgpatch_kmod::file_build_id(target).map(|id| match id {
             Some(id) => println!("{id}"),
             None => println!("(no build-id)"),
@@ -29,7 +34,8 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: kmod-tool inspect <module.so> [--json]\n       \
                  kmod-tool describe <target> <symbol> [file]\n       \
-                 kmod-tool build-id <target>"
+                 kmod-tool build-id <target>\n       \
+                 kmod-tool check <module.so> <target>"
             );
             return ExitCode::from(2);
         }
@@ -84,5 +90,25 @@ fn describe(
         rust += &format!("new = new_fn, size = {}, checksum = {sum:#x});", d.size);
         println!("    C:    {c}\n    Rust: {rust}");
     }
+    Ok(())
+}
+
+fn check(module: &str, target: &str) -> Result<(), kgpatch_kmod::KmodError> {
+    let module = kgpatch_kmod::ModuleFile::read(module)?;
+    let object = kgpatch_kmod::LoadedObject {
+        name: target.to_owned(),
+        file: target.into(),
+        bias: 0,
+        is_main: module.manifest.target.kind == kgpatch_kmod::TargetKind::Executable,
+        build_id: kgpatch_kmod::file_build_id(target)?.map(|b| b.0),
+    };
+    let resolved = kgpatch_kmod::resolve_against(
+        &module,
+        0,
+        &[object],
+        kgpatch_kmod::ResolveOptions::default(),
+    )?;
+    print!("{resolved}");
+    println!("ok: every entry resolves and matches (addresses are link-time)");
     Ok(())
 }

@@ -7,6 +7,8 @@ mod c_module;
 mod common;
 #[path = "it/errors.rs"]
 mod errors;
+#[path = "it/example_kv.rs"]
+mod example_kv;
 #[path = "it/exe.rs"]
 mod exe;
 #[path = "it/format.rs"]
