@@ -15,7 +15,7 @@ use std::process::Command;
 
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
-const SOURCES: [&str; 4] = ["main.c", "proto.c", "store.c", "compact.c"];
+const SOURCES: [&str; 5] = ["main.c", "proto.c", "store.c", "compact.c", "churn.c"];
 
 fn build(compiler: &Path, src_dir: &Path, out: &Path, variant_flags: &[&str]) {
     let mut cmd = Command::new(compiler);
@@ -26,7 +26,7 @@ fn build(compiler: &Path, src_dir: &Path, out: &Path, variant_flags: &[&str]) {
         .args(variant_flags)
         .args(["-fPIE", "-pie", "-pthread", "-Wall", "-Wextra", "-o"])
         .arg(out);
-    cmd.args(SOURCES);
+    cmd.args(SOURCES).arg("-ldl");
     let output = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler {}: {e}", compiler.display()));

@@ -10,6 +10,8 @@
  *   store.c    the striped hash table
  *   compact.c  the compactor's CPU work (kv_compact_step, kv_checksum) and two tiny
  *              assembly functions that a patcher must refuse (kv_loop_head, kv_tiny_ret)
+ *   churn.c    stress helpers: --churn threads (malloc/free, dlopen/dlclose, short-lived
+ *              threads) and the CANCEL command (pthread_cancel inside kv_slow_path)
  *
  * Functions marked KV_PATCHABLE are the ones sample patches replace. `noipa` keeps each one
  * an ordinary out-of-line function with the plain SysV ABI: no inlining, no cloning
@@ -78,6 +80,9 @@ struct kv_stats {
     atomic_ulong eintr[KV_EINTR_COUNT];
     atomic_ulong threads;         /* the server's own threads, main included */
     atomic_ulong flushed_keys;    /* key count seen by the last flush */
+    atomic_ulong churn_rounds;    /* --churn */
+    atomic_ulong dlopens;
+    atomic_ulong ephemeral_threads;
 };
 extern struct kv_stats kv_stats;
 
@@ -93,6 +98,15 @@ uint64_t kv_now_ns(void);               /* CLOCK_MONOTONIC */
 uint64_t kv_uptime_ms(void);
 /* Sleep about `ns` nanoseconds, resuming after EINTR; returns early when stopping. */
 void kv_sleep_ns(uint64_t ns);
+/* Called by each long-lived thread once it has named itself; LISTENING waits for all. */
+void kv_thread_ready(void);
+
+/* ---- stress helpers (churn.c) -------------------------------------------------------------- */
+int kv_churn_start(int n);   /* --churn N; 0 or -1 */
+void kv_churn_join(void);
+/* CANCEL: 0 when the thread was cancelled inside kv_slow_path, 1 when it returned normally,
+ * -1 when it could not start; *cleaned tells whether its cleanup handler ran. */
+int kv_cancel_test(unsigned ms, int *cleaned);
 
 /* ---- requests (proto.c) -------------------------------------------------------------------- */
 struct kv_out {

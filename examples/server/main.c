@@ -2,7 +2,8 @@
  * main.c — start-up, threads, signals and shutdown of the demo server.
  *
  *   kvserver [--port P] [--workers N] [--transcode-pause-us US]
- *            [--install-noop-handler SIGNO[:norestart]]...
+ *            [--install-noop-handler SIGNO[:norestart]]... [--block-signals-in-workers]
+ *            [--churn N]
  *
  * The port also comes from $KVSERVER_PORT; 0 (the default) picks an ephemeral one. Once
  * listening, the server prints "LISTENING <port>" on stdout and flushes.
@@ -101,13 +102,16 @@ static void kv_on_noop(int sig, siginfo_t *si, void *uc)
 }
 
 static atomic_int kv_threads_ready;
+static int kv_block_in_workers;
 
-/* Names the calling thread and counts it ready: main prints LISTENING only when every
- * thread has a name, so a tool that lists threads right after sees them all named. */
+/* Main prints LISTENING only when every thread has named itself and called this, so a tool
+ * that lists threads right after sees them all named. */
+void kv_thread_ready(void) { atomic_fetch_add(&kv_threads_ready, 1); }
+
 static void kv_name_self(const char *name)
 {
     pthread_setname_np(pthread_self(), name);
-    atomic_fetch_add(&kv_threads_ready, 1);
+    kv_thread_ready();
 }
 
 /* ---- workers ------------------------------------------------------------------------------- */
@@ -257,6 +261,12 @@ static void *kv_worker_main(void *arg)
     struct kv_worker *w = arg;
     char name[16];
     snprintf(name, sizeof name, "kv-worker-%d", w->index);
+    if (kv_block_in_workers) {
+        /* what many servers do: workers block everything, one thread handles signals */
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, NULL);
+    }
     kv_name_self(name);
     struct epoll_event evs[64];
     int running = 1;
@@ -425,7 +435,8 @@ static void kv_usage(FILE *f)
 {
     fprintf(f,
             "usage: kvserver [--port P] [--workers N] [--transcode-pause-us US]\n"
-            "                [--install-noop-handler SIGNO[:norestart]]...\n"
+            "                [--install-noop-handler SIGNO[:norestart]]... [--block-signals-in-workers]\n"
+            "                [--churn N]\n"
             "The port also comes from $KVSERVER_PORT (0 = ephemeral). Prints LISTENING <port>.\n");
 }
 
@@ -476,7 +487,7 @@ static int kv_start_thread(pthread_t *t, void *(*fn)(void *), void *arg)
 
 int main(int argc, char **argv)
 {
-    unsigned long port = 0, workers = 4, pause_us = 0;
+    unsigned long port = 0, workers = 4, pause_us = 0, churn = 0;
     const char *env_port = getenv("KVSERVER_PORT");
     if (env_port && kv_parse_uint(env_port, 65535, &port) != 0) {
         fprintf(stderr, "kvserver: KVSERVER_PORT=%s is not a port number (0-65535)\n", env_port);
@@ -503,6 +514,14 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--transcode-pause-us") && v) {
             if (kv_parse_uint(v, 1000000, &pause_us) != 0) {
                 fprintf(stderr, "kvserver: --transcode-pause-us %s must be 0..1000000\n", v);
+                return 2;
+            }
+            i++;
+        } else if (!strcmp(a, "--block-signals-in-workers")) {
+            kv_block_in_workers = 1;
+        } else if (!strcmp(a, "--churn") && v) {
+            if (kv_parse_uint(v, 256, &churn) != 0) {
+                fprintf(stderr, "kvserver: --churn %s must be 0..256\n", v);
                 return 2;
             }
             i++;
@@ -584,6 +603,9 @@ int main(int argc, char **argv)
     int have_fl = ok && kv_start_thread(&flusher, kv_flusher_main, NULL) == 0;
     int have_tk = ok && kv_start_thread(&ticker, kv_ticker_main, NULL) == 0;
     ok = ok && have_acc && have_cmp && have_fl && have_tk;
+    int have_churn = ok;
+    if (ok && kv_churn_start((int)churn) != 0)
+        ok = 0;
 
     int status = 0;
     if (ok) {
@@ -612,6 +634,8 @@ int main(int argc, char **argv)
         pthread_join(flusher, NULL);
     if (have_tk)
         pthread_join(ticker, NULL);
+    if (have_churn)
+        kv_churn_join();
     for (int i = 0; i < started_workers; i++) {
         pthread_join(kv_workers[i].thread, NULL);
         close(kv_workers[i].epfd);

@@ -214,13 +214,15 @@ static void kv_cmd_stats(struct kv_out *out)
     kv_out_printf(out,
                   "STATS requests=%lu violations=%lu threads=%lu uptime_ms=%lu keys=%lu"
                   " connections=%lu open_connections=%lu compactions=%lu flushes=%lu ticks=%lu"
-                  " signals=%lu bug_probe=%ld codec=%u",
+                  " signals=%lu churn_rounds=%lu dlopens=%lu ephemeral_threads=%lu"
+                  " bug_probe=%ld codec=%u",
                   kv_read(&kv_stats.requests), kv_read(&kv_stats.violations),
                   kv_read(&kv_stats.threads), (unsigned long)kv_uptime_ms(), kv_store_count(),
                   kv_read(&kv_stats.connections), kv_read(&kv_stats.open_connections),
                   kv_read(&kv_stats.compactions), kv_read(&kv_stats.flushes),
                   kv_read(&kv_stats.ticks), kv_read(&kv_stats.signals),
-                  probe_ok ? probe : 0L, (unsigned)(unsigned char)enc[0]);
+                  kv_read(&kv_stats.churn_rounds), kv_read(&kv_stats.dlopens),
+                  kv_read(&kv_stats.ephemeral_threads), probe_ok ? probe : 0L, (unsigned)(unsigned char)enc[0]);
     for (int i = 0; i < KV_EINTR_COUNT; i++)
         kv_out_printf(out, " eintr_%s=%lu", kv_eintr_names[i], kv_read(&kv_stats.eintr[i]));
     kv_out_append(out, "\n", 1);
@@ -322,6 +324,15 @@ enum kv_after kv_dispatch(char *line, size_t n, struct kv_out *out)
             kv_out_printf(out, "ERR usage: SLOW <ms> (at most %u)\n", KV_SLOW_MAX_MS);
         else
             kv_out_printf(out, "SLEPT %u\n", kv_slow_path(ms));
+    } else if (kv_tok_is(&a, 0, "CANCEL")) {
+        unsigned ms;
+        int cleaned = 0, rc;
+        if (a.count != 2 || kv_parse_ms(a.tok[1], a.len[1], &ms) != 0 || ms == 0)
+            kv_out_printf(out, "ERR usage: CANCEL <ms> (1 to %u)\n", KV_SLOW_MAX_MS);
+        else if ((rc = kv_cancel_test(ms, &cleaned)) < 0)
+            kv_out_printf(out, "ERR cannot start a thread\n");
+        else
+            kv_out_printf(out, "%s cleanup=%d\n", rc == 0 ? "CANCELLED" : "NOT_CANCELLED", cleaned);
     } else if (kv_tok_is(&a, 0, "QUIT") && a.count == 1) {
         kv_out_printf(out, "BYE\n");
         return KV_AFTER_CLOSE;

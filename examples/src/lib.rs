@@ -13,9 +13,9 @@
 //!
 //! # The server in one paragraph
 //! `kvserver [--port P] [--workers N] [--transcode-pause-us US]
-//! [--install-noop-handler SIGNO[:norestart]]...` listens on 127.0.0.1, prints
-//! `LISTENING <port>`, and answers `PING`, `SET k v`, `GET k`, `DEL k`, `INCR k n`, `STATS`,
-//! `SLOW ms`, `QUIT`, `SHUTDOWN`, one line each. It has a planted bug (`INCR k -5` adds 5,
+//! [--install-noop-handler SIGNO[:norestart]]... [--block-signals-in-workers] [--churn N]`
+//! listens on 127.0.0.1, prints `LISTENING <port>`, and answers `PING`, `SET k v`, `GET k`,
+//! `DEL k`, `INCR k n`, `STATS`, `SLOW ms`, `CANCEL ms`, `QUIT`, `SHUTDOWN`, one line each. It has a planted bug (`INCR k -5` adds 5,
 //! fixed by replacing the static `kv_parse_amount`) and a checked two-function invariant
 //! (every request line goes through `kv_transcode`, which calls `kv_encode` then `kv_decode`
 //! and counts a violation when the round trip differs).

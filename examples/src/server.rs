@@ -59,6 +59,19 @@ impl ServerOptions {
         self.arg("--transcode-pause-us").arg(us.to_string())
     }
 
+    /// `--block-signals-in-workers`: each `kv-worker-<i>` blocks every signal with
+    /// `pthread_sigmask` when it starts, as many servers do (the hostile case for a patcher
+    /// that migrates threads with a signal).
+    pub fn block_signals_in_workers(self) -> ServerOptions {
+        self.arg("--block-signals-in-workers")
+    }
+
+    /// `--churn n`: `n` threads `kv-churn-<i>` churning malloc/free, dlopen/dlclose of libm
+    /// and short-lived `kv-ephemeral` threads, each round through `kv_transcode`.
+    pub fn churn(self, n: u32) -> ServerOptions {
+        self.arg("--churn").arg(n.to_string())
+    }
+
     /// Sets an environment variable for the server (e.g. `LD_PRELOAD` for the agent).
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> ServerOptions {
         self.env.push((key.into(), value.into()));
@@ -203,6 +216,26 @@ impl DemoServer {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// The signals thread `tid` of the server blocks (`SigBlk` of its `/proc` status, bit
+    /// `n - 1` for signal `n`).
+    pub fn blocked_signals(&self, tid: i32) -> Result<u64, Error> {
+        let path = format!("/proc/{}/task/{tid}/status", self.pid);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Threads {
+            pid: self.pid,
+            source,
+        })?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .ok_or_else(|| Error::Threads {
+                pid: self.pid,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("no SigBlk line in {path}"),
+                ),
+            })
     }
 
     /// Sends `sig` to the whole process.

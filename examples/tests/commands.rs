@@ -194,6 +194,7 @@ fn bad_arguments_exit_2_with_a_reason() {
         &["--port", "70000"],
         &["--install-noop-handler", "9"],
         &["--install-noop-handler", "40:sometimes"],
+        &["--churn", "1000"],
         &["--frobnicate"],
     ] {
         let out = std::process::Command::new(server_path(Variant::FramePointers))

@@ -4,6 +4,7 @@
 mod commands;
 mod load;
 mod signals;
+mod stress;
 mod symbols;
 
 use kgpatch_examples::{DemoServer, Variant};
