@@ -138,7 +138,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
 }
 
+/// Dies quietly on a closed pipe (`kgpatch status | head`), as command-line tools do,
+/// instead of panicking on the failed write.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -305,7 +314,11 @@ fn transition(pid: u32, req: Request, no_wait: bool, json: bool) -> Result<u8> {
     let t = match request(pid, &req)? {
         Response::Started { t, kind, patch } => {
             if !json {
-                eprintln!("kgpatch: transition {t} began ({kind:?} {patch})");
+                let kind = match kind {
+                    kgpatch_agent::protocol::Kind::Apply => "apply",
+                    kgpatch_agent::protocol::Kind::Revert => "revert",
+                };
+                eprintln!("kgpatch: transition {t} began ({kind} {patch})");
             }
             t
         }
