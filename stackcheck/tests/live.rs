@@ -5,12 +5,12 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use kgpatch_stackcheck::{
-    BusyRanges, StackBounds, UnreliableReason, UnwindIndex, WalkOutcome, MAX_FRAMES,
+    BusyRanges, IndexOptions, StackBounds, UnreliableReason, UnwindIndex, WalkOutcome, MAX_FRAMES,
 };
 
 use crate::support::{
-    assert_chain, fixture, index, load_late, own_function, position_in, walk_thread, Mode, Parked,
-    Variant,
+    assert_chain, fixture, index, load_late, own_function, position_in, walk_all_at_once,
+    walk_thread, Mode, Parked, Variant,
 };
 
 fn c_chain(variant: Variant) -> Vec<(&'static str, Range<u64>)> {
@@ -482,4 +482,35 @@ fn threads_sleeping_in_syscalls_walk_clean() {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
+}
+
+#[test]
+fn many_threads_walk_at_once_from_the_shared_pool() {
+    fixture(Variant::NoFp);
+    let threads: Vec<Parked> = (0..6).map(|_| park_c(Variant::NoFp, "fx_entry")).collect();
+    let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+    // Enough caches: every walk is clean.
+    let index = UnwindIndex::build_with(IndexOptions { cache_slots: 6 }).unwrap();
+    for _ in 0..8 {
+        for o in walk_all_at_once(&tids, &index) {
+            assert!(o.is_clean(), "{o:?}");
+        }
+    }
+    // One cache: walks that overlap another may find none free, and say so; never wrong.
+    let index = UnwindIndex::build_with(IndexOptions { cache_slots: 1 }).unwrap();
+    let mut clean = 0;
+    for _ in 0..8 {
+        for o in walk_all_at_once(&tids, &index) {
+            match o {
+                WalkOutcome::Clean { .. } => clean += 1,
+                WalkOutcome::Unreliable {
+                    why: UnreliableReason::NoFreeCache,
+                    depth: 0,
+                    ..
+                } => {}
+                o => panic!("{o:?}"),
+            }
+        }
+    }
+    assert!(clean > 0);
 }

@@ -396,3 +396,104 @@ pub fn index() -> UnwindIndex {
     fixture(Variant::NoFp);
     UnwindIndex::build().unwrap()
 }
+
+// ---------------------------------------------------------------------------------------
+// Many threads walked at once (pool contention).
+
+const MAX_CONC: usize = 16;
+
+struct ConcRequest {
+    index: *const UnwindIndex,
+    tids: [AtomicI32; MAX_CONC],
+    outcomes: [UnsafeCell<Option<WalkOutcome>>; MAX_CONC],
+    done: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: each outcome cell is written by exactly one handler (the thread whose tid is at
+// that index) before `done` is incremented, and read only after `done` reached the count.
+unsafe impl Sync for ConcRequest {}
+
+static CONC: AtomicPtr<ConcRequest> = AtomicPtr::new(std::ptr::null_mut());
+
+fn conc_signal() -> i32 {
+    libc::SIGRTMIN() + 8
+}
+
+extern "C" fn conc_handler(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut c_void) {
+    let req = CONC.load(Ordering::Acquire);
+    if req.is_null() {
+        return;
+    }
+    // SAFETY: the requester keeps the request alive until every handler reported.
+    let req = unsafe { &*req };
+    // SAFETY: gettid has no preconditions and is async-signal-safe.
+    let me = unsafe { libc::gettid() };
+    let Some(i) = req
+        .tids
+        .iter()
+        .position(|t| t.load(Ordering::Relaxed) == me)
+    else {
+        return;
+    };
+    let Some(bounds) = current_thread_bounds() else {
+        return;
+    };
+    // SAFETY: uc is this SA_SIGINFO handler's ucontext; index outlives the request.
+    let (regs, index) = unsafe {
+        (
+            Regs::from_ucontext(uc as *const libc::ucontext_t),
+            &*req.index,
+        )
+    };
+    let o = index.walk(&regs, bounds, &BusyRanges::empty());
+    // SAFETY: slot i belongs to this thread alone (see the Sync impl).
+    unsafe { *req.outcomes[i].get() = Some(o) };
+    req.done.fetch_add(1, Ordering::Release);
+}
+
+/// Signals every thread in `tids` at once; each walks itself with `index.walk` (the
+/// pooled caches). Returns the outcomes in `tids` order.
+pub fn walk_all_at_once(tids: &[i32], index: &UnwindIndex) -> Vec<WalkOutcome> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(tids.len() <= MAX_CONC);
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        // SAFETY: a zeroed sigaction is valid; handler, flags and mask are set before use.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction =
+            conc_handler as extern "C" fn(i32, *mut libc::siginfo_t, *mut c_void) as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // SAFETY: installing a handler for our own RT signal with an initialised sigaction.
+        let rc = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(conc_signal(), &sa, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 0);
+    });
+    let req = Box::new(ConcRequest {
+        index,
+        tids: std::array::from_fn(|i| AtomicI32::new(tids.get(i).copied().unwrap_or(-1))),
+        outcomes: std::array::from_fn(|_| UnsafeCell::new(None)),
+        done: std::sync::atomic::AtomicUsize::new(0),
+    });
+    CONC.store(
+        &*req as *const ConcRequest as *mut ConcRequest,
+        Ordering::Release,
+    );
+    for &tid in tids {
+        // SAFETY: plain syscall to a live thread of this process.
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, conc_signal()) };
+        assert_eq!(rc, 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while req.done.load(Ordering::Acquire) < tids.len() {
+        assert!(Instant::now() < deadline, "not every handler reported");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    CONC.store(std::ptr::null_mut(), Ordering::Release);
+    (0..tids.len())
+        // SAFETY: every handler has reported (done == len), none writes again.
+        .map(|i| unsafe { *req.outcomes[i].get() }.unwrap())
+        .collect()
+}
