@@ -31,8 +31,10 @@ pub enum Error {
         /// Its exit status, or a note when it could not be read.
         status: String,
     },
-    /// The first line on stdout was not `LISTENING <port>`.
-    #[error("the demo server's first line was {line:?}, not \"LISTENING <port>\"; is this the right binary?")]
+    /// The `LISTENING` line did not carry a port number.
+    #[error(
+        "the demo server printed {line:?}, not \"LISTENING <port>\"; is this the right binary?"
+    )]
     BadBanner {
         /// The line it printed.
         line: String,

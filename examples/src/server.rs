@@ -102,7 +102,8 @@ impl DemoServer {
         DemoServer::spawn(ServerOptions::new(variant))
     }
 
-    /// Starts a server and waits until it prints `LISTENING <port>`. Its stderr is inherited.
+    /// Starts a server and waits until it prints `LISTENING <port>` (other lines before it
+    /// are kept, see [`DemoServer::output`]). Its stderr is inherited.
     pub fn spawn(opts: ServerOptions) -> Result<DemoServer, Error> {
         let path = server_path(opts.variant);
         let mut cmd = Command::new(path);
@@ -126,13 +127,14 @@ impl DemoServer {
         let reader = std::thread::Builder::new()
             .name(format!("kvserver-{pid}-stdout"))
             .spawn(move || {
-                let mut lines = BufReader::new(stdout).lines();
-                if let Some(Ok(first)) = lines.next() {
-                    let _ = tx.send(first);
-                }
-                drop(tx);
-                for line in lines.map_while(Result::ok) {
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                // Lines before LISTENING (e.g. from a preloaded library) are kept in output()
+                let mut tx = Some(tx);
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.is_some() && line.starts_with("LISTENING") {
+                        let _ = tx.take().expect("checked").send(line);
+                    } else {
+                        sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    }
                 }
             })
             .expect("spawning a thread");
@@ -256,7 +258,7 @@ impl DemoServer {
         }
     }
 
-    /// Lines the server printed on stdout after `LISTENING` (e.g. `STOPPED ...`).
+    /// Lines the server printed on stdout other than `LISTENING` (e.g. `STOPPED ...`).
     pub fn output(&self) -> Vec<String> {
         self.output
             .lock()
