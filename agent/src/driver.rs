@@ -12,7 +12,7 @@ use kgpatch_stackcheck::{BusyRange, BusyRanges, UnreliableReason, UnwindIndex};
 use kgpatch_universe::{
     Blocker, FunctionPatch, Gate, PatchSpec, Side, Site, TransitionKind, Universe, Version,
 };
-use tracing::{info, info_span, warn};
+use tracing::{debug, debug_span, info, info_span, warn};
 
 use crate::error::AgentError;
 use crate::migrate::{self, MigrationContext, GATE, NO_STACK_MAPPING, OUR_CODE, REGISTRY_FULL};
@@ -512,7 +512,18 @@ impl Driver {
             stacks: &stacks,
         };
         let action = |uc: &mut libc::ucontext_t| migrate::on_signal(uc, &ctx);
+        let _span = debug_span!("sweep").entered();
         let report = self.migration.run(&action, SWEEP_WAIT);
+        match &report {
+            Ok(r) => debug!(
+                done = r.done.len(),
+                exited = r.exited.len(),
+                blocked = r.blocked.len(),
+                timed_out = r.timed_out.len(),
+                "sweep"
+            ),
+            Err(e) => warn!(error = %e, "sweep failed"),
+        }
         if let (Ok(report), Some(p)) = (report, self.pending.as_mut()) {
             p.blocked = report.blocked.iter().map(|&t| t as u32).collect();
             for &tid in &p.blocked {

@@ -50,6 +50,7 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 pub fn start() -> Result<PathBuf, String> {
     STARTED
         .get_or_init(|| {
+            init_logging();
             let driver = driver::Driver::new().map_err(|e| e.to_string())?;
             let server = server::Server::bind().map_err(|e| e.to_string())?;
             let path = server.path().to_owned();
@@ -61,6 +62,21 @@ pub fn start() -> Result<PathBuf, String> {
             Ok(path)
         })
         .clone()
+}
+
+/// With `KGPATCH_LOG` set (e.g. `info`, `kgpatch_agent=debug`), the agent's `tracing` spans
+/// and events go to the process's stderr. A program that installed its own subscriber keeps
+/// it and gets them instead.
+fn init_logging() {
+    let Some(filter) = std::env::var_os("KGPATCH_LOG") else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::new(filter.to_string_lossy());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 /// `true` once [`start`] succeeded.
