@@ -15,6 +15,7 @@ use crate::{server_path, sys, Client, Error, Stats, Variant};
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     variant: Variant,
+    program: Option<std::path::PathBuf>,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     startup_timeout: Duration,
@@ -25,10 +26,18 @@ impl ServerOptions {
     pub fn new(variant: Variant) -> ServerOptions {
         ServerOptions {
             variant,
+            program: None,
             args: Vec::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Runs `path` instead of the built variant (e.g. a sanitizer build of the same sources);
+    /// [`DemoServer::variant`] still reports the variant given to [`ServerOptions::new`].
+    pub fn program(mut self, path: impl Into<std::path::PathBuf>) -> ServerOptions {
+        self.program = Some(path.into());
+        self
     }
 
     /// Adds a command-line argument (see the crate docs for the server's options).
@@ -105,7 +114,10 @@ impl DemoServer {
     /// Starts a server and waits until it prints `LISTENING <port>` (other lines before it
     /// are kept, see [`DemoServer::output`]). Its stderr is inherited.
     pub fn spawn(opts: ServerOptions) -> Result<DemoServer, Error> {
-        let path = server_path(opts.variant);
+        let path = opts
+            .program
+            .as_deref()
+            .unwrap_or_else(|| server_path(opts.variant));
         let mut cmd = Command::new(path);
         cmd.args(&opts.args)
             .env("KVSERVER_PORT", "0")
