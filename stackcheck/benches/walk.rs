@@ -248,7 +248,7 @@ fn walk_table(index: &UnwindIndex) {
     let base = depth_here(&ctx);
     println!("## stack walks (a thread of this bench binary, recursion of one Rust function; {base} frames at the bottom)");
     println!();
-    println!("| frames | ours, warm cache (µs) | ours, cold cache (µs) | framehop, warm (µs) | glibc backtrace() (µs) | frames per warm walk evaluated from CFI (no fast rule) |");
+    println!("| frames | ours, warm cache (µs) | ours, cold cache (µs) | framehop, warm (µs) | glibc backtrace() (µs) | rule-cache misses per warm walk |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for depth in [10usize, 30, 100] {
         let r = walks(&ctx, depth, base);
