@@ -108,12 +108,19 @@ impl TargetInfo {
         let Some(offset) = self.loads.iter().find_map(|s| s.file_offset(vaddr, len)) else {
             return Ok(None);
         };
-        let len = usize::try_from(len).map_err(|_| KmodError::NotElf {
-            path: self.path.clone(),
-            reason: "symbol size does not fit in memory".into(),
-        })?;
-        let mut buf = vec![0u8; len];
         let file = File::open(&self.path).map_err(|e| KmodError::io(&self.path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| KmodError::io(&self.path, e))?
+            .len();
+        // A corrupt segment table must not make us allocate more than the file holds.
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Ok(None);
+        }
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset)
             .map_err(|e| KmodError::io(&self.path, e))?;
         Ok(Some(buf))
@@ -367,6 +374,16 @@ impl ModuleFile {
     /// Link-time address of an exported function of the module, checked to be a defined
     /// function inside an executable loaded segment.
     pub(crate) fn function_export(&self, symbol: &str, role: &str) -> Result<u64, KmodError> {
+        self.function_export_sized(symbol, role)
+            .map(|(value, _)| value)
+    }
+
+    /// Like `function_export`, with the function's `st_size`.
+    pub(crate) fn function_export_sized(
+        &self,
+        symbol: &str,
+        role: &str,
+    ) -> Result<(u64, u64), KmodError> {
         let not = || KmodError::NotExported {
             path: self.path.clone(),
             role: role.to_owned(),
@@ -379,7 +396,7 @@ impl ModuleFile {
         if export.kind != elf::STT_FUNC || !in_text {
             return Err(not());
         }
-        Ok(export.value)
+        Ok((export.value, export.size))
     }
 }
 

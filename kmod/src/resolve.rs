@@ -51,6 +51,9 @@ pub struct ResolvedFunction {
     pub new_symbol: String,
     /// Runtime address of the replacement.
     pub new_address: u64,
+    /// `st_size` of the replacement in the module (its code is
+    /// `[new_address, new_address + new_size)`).
+    pub new_size: u64,
 }
 
 /// A reference slot, resolved.
@@ -420,7 +423,7 @@ pub fn resolve_against(
             }
             None => {}
         }
-        let new = module.function_export(&entry.new_symbol, "new function")?;
+        let (new, new_size) = module.function_export_sized(&entry.new_symbol, "new function")?;
         functions.push(ResolvedFunction {
             old: spec.clone(),
             old_file: sym.file.clone(),
@@ -428,6 +431,7 @@ pub fn resolve_against(
             old_size: sym.size,
             new_symbol: entry.new_symbol.clone(),
             new_address: module_bias.wrapping_add(new),
+            new_size,
         });
     }
 

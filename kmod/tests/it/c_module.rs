@@ -126,6 +126,13 @@ fn resolves_fills_slots_and_the_new_function_works() {
     );
     assert_eq!(func.old_size, f.compute.size);
     assert_eq!(func.old_file.as_deref(), Some("target_a.c"));
+    let new_syms = readelf_symbols(&path);
+    let new_sym = new_syms
+        .iter()
+        .find(|s| s.1 == "kgfix_c_new_compute")
+        .unwrap();
+    assert_eq!(func.new_size, new_sym.3);
+    assert!(func.new_size > 0);
 
     // Every slot holds the runtime address of its symbol.
     let values = loaded.slot_values();
@@ -289,4 +296,60 @@ fn checksum_is_of_the_file_so_a_rewritten_entry_still_matches() {
         .map(|r| r.functions[0].old_address);
     mem.write_all_at(&saved, addr).unwrap();
     assert_eq!(r.unwrap(), addr);
+}
+
+#[test]
+fn header_constants_match_raw() {
+    use kgpatch_kmod::raw;
+    let f = crate::common::fixtures();
+    let src = f.dir.join("consts.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include \"kgpatch.h\"\nint main(void) {\n\
+         printf(\"%u %d %d %d %d %d %d %d %d %u %d %d %d %d %d %d %d %zu\\n\",\n\
+         KGPATCH_MAGIC, KGPATCH_FORMAT_VERSION, KGPATCH_KIND_MODULE, KGPATCH_KIND_TARGET,\n\
+         KGPATCH_KIND_REPLACE, KGPATCH_KIND_REF, KGPATCH_KIND_CALLBACK,\n\
+         KGPATCH_TARGET_KIND_EXE, KGPATCH_TARGET_KIND_LIB, KGPATCH_ANY,\n\
+         KGPATCH_REF_KIND_ANY, KGPATCH_REF_KIND_FUNC, KGPATCH_REF_KIND_OBJECT,\n\
+         KGPATCH_CB_PRE_APPLY, KGPATCH_CB_POST_APPLY, KGPATCH_CB_PRE_REVERT,\n\
+         KGPATCH_CB_POST_REVERT, sizeof(struct kgpatch_record_header));\n\
+         return 0; }\n",
+    )
+    .unwrap();
+    let exe = f.dir.join("consts");
+    crate::common::run(
+        Command::new("gcc")
+            .arg("-I")
+            .arg(crate::common::include_dir())
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe),
+    );
+    let out = Command::new(&exe).output().unwrap();
+    let c: Vec<u64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let rust: Vec<u64> = vec![
+        raw::MAGIC.into(),
+        raw::FORMAT_VERSION.into(),
+        raw::KIND_MODULE.into(),
+        raw::KIND_TARGET.into(),
+        raw::KIND_REPLACE.into(),
+        raw::KIND_REF.into(),
+        raw::KIND_CALLBACK.into(),
+        raw::TARGET_EXE.into(),
+        raw::TARGET_LIB.into(),
+        raw::INDEX_NONE.into(),
+        raw::REF_ANY.into(),
+        raw::REF_FUNC.into(),
+        raw::REF_OBJECT.into(),
+        raw::CALLBACK_PRE_APPLY.into(),
+        raw::CALLBACK_POST_APPLY.into(),
+        raw::CALLBACK_PRE_REVERT.into(),
+        raw::CALLBACK_POST_REVERT.into(),
+        std::mem::size_of::<raw::RecordHeader>() as u64,
+    ];
+    assert_eq!(c, rust);
 }

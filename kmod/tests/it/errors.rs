@@ -295,3 +295,33 @@ fn unchecked_entries_need_an_explicit_opt_in() {
         .unwrap();
     assert_eq!(r.functions[0].old_size, fixtures().compute.size);
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use crate::common::{c_module, fixtures};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Random byte edits anywhere in a real module file (ELF headers, section table,
+        /// symbol tables, manifest): reading it returns Ok or an error, never panics.
+        #[test]
+        fn fuzz_module_file(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..10),
+            head in any::<bool>(),
+        ) {
+            let good = std::fs::read(c_module("GOOD", &[])).unwrap();
+            let mut bytes = good.clone();
+            for (at, v) in edits {
+                // Half the cases hit the ELF and program headers, where parsing starts.
+                let n = if head { 0x200.min(bytes.len()) } else { bytes.len() };
+                bytes[at.index(n)] = v;
+            }
+            let path = fixtures().dir.join(format!("fuzz-{:?}.so", std::thread::current().id()));
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = kgpatch_kmod::ModuleFile::read(&path);
+            let _ = kgpatch_kmod::describe_symbol(&path, "kgfix_c_new_compute", None);
+        }
+    }
+}
