@@ -268,6 +268,10 @@ fn index_table(build_us: (f64, f64), index: &UnwindIndex, big_arg: Option<String
     let objs = index.objects().count();
     let caches = 16 * WalkCache::heap_bytes();
     println!("(one walk cache: {} bytes)", WalkCache::heap_bytes());
+    let check = time_us(9, 1000, || {
+        black_box(index.is_current());
+    });
+    println!("(is_current(): {check:.3} µs)");
     println!(
         "| this bench binary | {objs} | {:.0} | {:.0} | {:.0} | {:.0} |",
         build_us.0,
