@@ -57,7 +57,7 @@
 //! - The set of loaded objects can change: [`UnwindIndex::is_current`] says so; rebuild
 //!   between attempts, never during a walk.
 //!
-//! Why gimli and not framehop: see the `x86_64::unwind` module docs (framehop falls back to
+//! Why gimli and not framehop: see the crate README (framehop falls back to
 //! frame pointers silently).
 
 #![deny(unsafe_code)]
