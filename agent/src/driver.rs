@@ -473,7 +473,7 @@ impl Driver {
         }
         // The agent thread is at a quiescent point here.
         migrate::quiescent();
-        registry::reclaim(|| live_tids());
+        registry::reclaim(live_tids);
         if self.try_finish() {
             return;
         }
@@ -590,9 +590,7 @@ impl Driver {
         let message = match (p.kind, result) {
             (Kind::Apply, OutcomeKind::Completed) => format!("patch {} applied", p.patch),
             (Kind::Revert, OutcomeKind::Completed) => format!("patch {} reverted", p.patch),
-            (_, OutcomeKind::Reversed) if p.deadline_passed => format!(
-                "the deadline passed before every thread could move; the transition was reversed and the process is as before"
-            ),
+            (_, OutcomeKind::Reversed) if p.deadline_passed => "the deadline passed before every thread could move; the transition was reversed and the process is as before".to_string(),
             (_, OutcomeKind::Reversed) => {
                 "the transition was reversed; the process is as before".to_string()
             }
@@ -698,11 +696,13 @@ fn unload(module: Loaded) {
     }
 }
 
+/// A replaced function: name, old entry, new entry, new code range, old size.
+type PlannedFunction = (String, u64, u64, (u64, u64), u64);
+
 struct ApplyPlan {
     spec: PatchSpec,
     analyses: Vec<(kgpatch_redirect::SiteAnalysis, u64)>,
-    /// name, old entry, new entry, new code range, old size.
-    functions: Vec<(String, u64, u64, (u64, u64), u64)>,
+    functions: Vec<PlannedFunction>,
 }
 
 fn describe_blocker(b: Blocker, names: &[String]) -> BlockerInfo {

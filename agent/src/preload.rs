@@ -123,7 +123,11 @@ fn ours() -> [c_int; 3] {
 }
 
 /// `set` without kgpatch's signals, when a program blocks them (`SIG_BLOCK`/`SIG_SETMASK`).
-fn without_ours(how: c_int, set: *const libc::sigset_t, copy: &mut libc::sigset_t) -> *const libc::sigset_t {
+fn without_ours(
+    how: c_int,
+    set: *const libc::sigset_t,
+    copy: &mut libc::sigset_t,
+) -> *const libc::sigset_t {
     if set.is_null() || how == libc::SIG_UNBLOCK || !crate::is_active() {
         return set;
     }
