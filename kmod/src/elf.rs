@@ -191,12 +191,24 @@ pub(crate) fn read_target(
     } else {
         (SymbolTable::Symtab, elf.elf_symbol_table())
     };
-    let strings = syms.strings();
+    // Read the whole string table once: looking names up one by one through the lazy
+    // reader would cost a read per symbol.
+    let strtab: &[u8] = if syms.is_empty() {
+        &[]
+    } else {
+        elf.elf_section_table()
+            .section(syms.string_section())
+            .and_then(|s| s.data(e, elf.data()))
+            .map_err(|err| bad(path, err))?
+    };
     let mut symbols = Vec::new();
     let mut file: Option<String> = None;
     for sym in syms.iter().skip(1) {
         let st_type = sym.st_type();
-        let name = sym.name(e, strings).map_err(|err| bad(path, err))?;
+        let name = name_at(strtab, sym.st_name(e)).ok_or_else(|| KmodError::NotElf {
+            path: path.to_owned(),
+            reason: "a symbol name lies outside its string table".into(),
+        })?;
         if st_type == elf::STT_FILE {
             file = Some(String::from_utf8_lossy(name).into_owned());
             continue;
@@ -235,6 +247,13 @@ pub(crate) fn read_target(
         symbols,
         loads: loads(&elf),
     })
+}
+
+/// The NUL-terminated string at `offset` of a string table.
+fn name_at(strtab: &[u8], offset: u32) -> Option<&[u8]> {
+    let rest = strtab.get(offset as usize..)?;
+    let len = rest.iter().position(|&b| b == 0)?;
+    Some(&rest[..len])
 }
 
 /// The `DT_SONAME` of a shared object, if any.
