@@ -295,10 +295,14 @@ impl Loaded {
 
     /// Resolves the module against the objects loaded in this process and, only if every
     /// function and reference resolved and checked, fills every slot. On error nothing was
-    /// written.
+    /// written. Resolving again with the same outcome writes nothing.
     pub fn resolve(&mut self, opts: ResolveOptions) -> Result<&Resolved, KmodError> {
         let objects = loaded_objects();
         let resolved = resolve_against(&self.module, self.bias, &objects, opts)?;
+        if self.resolved.as_ref() == Some(&resolved) {
+            // Already filled with these values (new code may be running): write nothing.
+            return Ok(self.resolved.insert(resolved));
+        }
         let start = self.bias.wrapping_add(self.module.section_vaddr);
         let end = start.wrapping_add(self.module.section_bytes.len() as u64);
         for slot in &resolved.slots {

@@ -299,8 +299,8 @@ pub fn find_target<'a>(
             }) {
                 return Ok(o);
             }
-            for o in libs() {
-                // Objects without a readable file (the vDSO) cannot match.
+            // Only objects named by a path: the vDSO's name is not a file to open.
+            for o in libs().filter(|o| o.name.contains('/')) {
                 if let Ok(Some(name)) = soname(&o.file) {
                     if &name == want {
                         return Ok(o);

@@ -353,3 +353,45 @@ fn header_constants_match_raw() {
     ];
     assert_eq!(c, rust);
 }
+
+#[test]
+fn library_found_by_soname_when_its_file_name_differs() {
+    let f = crate::common::fixtures();
+    let lib = f.dir.join("renamed-lib.so");
+    crate::common::run(
+        Command::new("gcc")
+            .args([
+                "-O1",
+                "-g",
+                "-shared",
+                "-fPIC",
+                "-Wl,-soname,libkgsoname.so.3",
+            ])
+            .arg(crate::common::fixture_src("target_a.c"))
+            .arg(crate::common::fixture_src("target_b.c"))
+            .arg("-o")
+            .arg(&lib),
+    );
+    let path = std::ffi::CString::new(lib.to_str().unwrap()).unwrap();
+    // SAFETY: our fixture library, no constructors; kept loaded for the test's lifetime.
+    let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null());
+    let d = kgpatch_kmod::describe_symbol(&lib, "compute", Some("target_a.c")).unwrap();
+    let p = crate::common::c_module_from(
+        "patch_c.c",
+        "SONAME",
+        &["-DTARGET_SONAME=\"libkgsoname.so.3\"".to_owned()],
+        &[(d[0].size, d[0].checksum.unwrap())],
+    );
+    // SAFETY: no constructors.
+    let mut loaded = unsafe { Loaded::open(&p) }.unwrap();
+    let r = loaded.resolve(ResolveOptions::default()).unwrap().clone();
+    assert_eq!(r.target_file, lib);
+    // SAFETY: `int f(int)`, slots filled; the renamed library has scale = 3 like the other.
+    let new: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(r.functions[0].new_address) };
+    assert_eq!(new(5), 99);
+    // Resolving again changes nothing.
+    let before = loaded.slot_values();
+    assert_eq!(loaded.resolve(ResolveOptions::default()).unwrap(), &r);
+    assert_eq!(loaded.slot_values(), before);
+}
