@@ -149,12 +149,6 @@ pub enum ManifestError {
         /// Record offset.
         offset: usize,
     },
-    /// Non-zero bytes between records.
-    #[error("the manifest is garbled: stray bytes at offset {offset:#x} between records; rebuild the module")]
-    StrayBytes {
-        /// Offset.
-        offset: usize,
-    },
 }
 
 /// Parses and validates a manifest section (`.kgpatch` contents).
@@ -180,9 +174,8 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
         if data[offset..].iter().all(|&b| b == 0) {
             break; // trailing zero bytes shorter than a word
         }
-        if offset % 8 != 0 {
-            return Err(ManifestError::StrayBytes { offset });
-        }
+        // Records and padding advance in multiples of 8, so `offset` stays 8-aligned.
+        debug_assert_eq!(offset % 8, 0);
         let available = data.len() - offset;
         let h: RecordHeader = read_at(data, offset).ok_or(ManifestError::Truncated {
             offset,
@@ -229,7 +222,9 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
         let record = &data[offset..offset + size];
         let strings = split_strings(&record[fixed_end..], raw::STRING_COUNT[kind])
             .ok_or(ManifestError::BadStrings { offset })?;
-        let fixed = |_: ()| ManifestError::Truncated {
+        // `size >= fixed_end` was checked above, so reading the fixed part cannot fail; the
+        // error is still a clean one rather than a panic.
+        let fixed = || ManifestError::Truncated {
             offset,
             needed: fixed_end,
             available,
@@ -255,7 +250,7 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
                 ));
             }
             raw::KIND_TARGET => {
-                let t: RawTarget = read_at(record, HEADER).ok_or_else(|| fixed(()))?;
+                let t: RawTarget = read_at(record, HEADER).ok_or_else(fixed)?;
                 if t.reserved != 0 {
                     return Err(ManifestError::ReservedNotZero { offset });
                 }
@@ -283,7 +278,7 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
                 target = Some(Target { kind, build_id });
             }
             raw::KIND_REPLACE => {
-                let r: RawReplace = read_at(record, HEADER).ok_or_else(|| fixed(()))?;
+                let r: RawReplace = read_at(record, HEADER).ok_or_else(fixed)?;
                 if r.flags != 0 {
                     return Err(ManifestError::ReservedNotZero { offset });
                 }
@@ -304,7 +299,7 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
                 });
             }
             raw::KIND_REF => {
-                let r: RawRef = read_at(record, HEADER).ok_or_else(|| fixed(()))?;
+                let r: RawRef = read_at(record, HEADER).ok_or_else(fixed)?;
                 if r.slot != 0 {
                     return Err(ManifestError::SlotNotZero { offset });
                 }
@@ -327,7 +322,7 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
                 });
             }
             raw::KIND_CALLBACK => {
-                let c: RawCallback = read_at(record, HEADER).ok_or_else(|| fixed(()))?;
+                let c: RawCallback = read_at(record, HEADER).ok_or_else(fixed)?;
                 if c.reserved != 0 {
                     return Err(ManifestError::ReservedNotZero { offset });
                 }
