@@ -1,8 +1,8 @@
 //! Writing a patch module in Rust: macros that emit manifest records into the `.kgpatch`
 //! section of a `cdylib`, with the same bytes as `include/kgpatch.h` emits from C.
 //!
-//! ```ignore
-//! use kgpatch_kmod::{patch_module, reference, replace};
+//! ```no_run
+//! use kgpatch_kmod::{callback, patch_module, reference, replace};
 //!
 //! patch_module! {
 //!     name: "fix-overflow",
@@ -20,6 +20,13 @@
 //!     unsafe { (LOG.get())(x); x.min(*LIMIT.get()) }
 //! }
 //! replace!(old = "bump", file = "counter.c", new = fixed_bump, size = 23, checksum = 0x1234_5678_9abc_def0);
+//!
+//! #[no_mangle]
+//! pub extern "C" fn check(msg: *mut std::ffi::c_char, cap: usize) -> std::ffi::c_int {
+//!     0 // nothing to veto
+//! }
+//! callback!(pre_apply = check);
+//! # fn main() {}
 //! ```
 //!
 //! New functions and callbacks must be `#[no_mangle] pub extern "C"` so that the module's

@@ -1,6 +1,6 @@
 //! The on-disk manifest layout, format version 1: plain `#[repr(C)]` structs and constants,
 //! no logic. The C header `include/kgpatch.h` and the Rust macros in [`crate::author`] emit
-//! exactly these bytes; [`crate::parse`] reads them through [`crate::cast`].
+//! exactly these bytes; `parse_manifest` reads them through the private `cast` module.
 //!
 //! # Layout
 //! The manifest is the content of the module's `.kgpatch` section: a sequence of records,
