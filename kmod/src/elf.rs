@@ -347,7 +347,19 @@ impl ModuleFile {
         let in_rw_load = loads.iter().any(|s| {
             s.flags & elf::PF_W != 0 && s.file_offset(vaddr, bytes.len() as u64).is_some()
         });
-        if header.sh_type(e) != elf::SHT_PROGBITS || !writable || !in_rw_load || vaddr % 8 != 0 {
+        // PT_GNU_RELRO is made read-only after relocation: a slot there could not be written.
+        let end = vaddr.saturating_add(bytes.len() as u64);
+        let in_relro = elf.elf_program_headers().iter().any(|p| {
+            p.p_type(e) == elf::PT_GNU_RELRO
+                && vaddr < p.p_vaddr(e).saturating_add(p.p_memsz(e))
+                && p.p_vaddr(e) < end
+        });
+        if header.sh_type(e) != elf::SHT_PROGBITS
+            || !writable
+            || !in_rw_load
+            || in_relro
+            || vaddr % 8 != 0
+        {
             return Err(KmodError::ManifestNotLoadable {
                 path: path.to_owned(),
             });

@@ -83,7 +83,7 @@ pub enum KmodError {
         source: ManifestError,
     },
     /// The `.kgpatch` section is not file-backed writable loaded data.
-    #[error("the .kgpatch section of {} is not aligned, writable data in a loaded segment, so its slots cannot be filled; build the module with kgpatch.h or the kgpatch_kmod macros", path.display())]
+    #[error("the .kgpatch section of {} is not aligned, writable data in a loaded segment outside RELRO, so its slots cannot be filled; build the module with kgpatch.h or the kgpatch_kmod macros", path.display())]
     ManifestNotLoadable {
         /// File.
         path: PathBuf,

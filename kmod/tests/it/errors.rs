@@ -325,3 +325,24 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn read_only_manifest_section_is_refused() {
+    // Slots must be writable: a module whose .kgpatch lost SHF_WRITE is refused at read.
+    let good = c_module("GOOD", &[]);
+    let ro = fixtures().dir.join("readonly-manifest.so");
+    crate::common::run(
+        Command::new("objcopy")
+            .args([
+                "--set-section-flags",
+                ".kgpatch=alloc,readonly,contents,data",
+            ])
+            .arg(&good)
+            .arg(&ro),
+    );
+    let err = open_err(&ro);
+    assert!(
+        matches!(err, KmodError::ManifestNotLoadable { .. }),
+        "{err}"
+    );
+}
