@@ -81,7 +81,11 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
     // reader stands in the trampoline.
     p.remove(entry).unwrap();
     assert_eq!(bytes(entry, size), before);
-    assert_eq!(p.reclaim().unwrap(), 0, "reclaimed a trampoline a thread is parked in");
+    assert_eq!(
+        p.reclaim().unwrap(),
+        0,
+        "reclaimed a trampoline a thread is parked in"
+    );
     assert!(p.code_ranges().iter().any(|r| r.entry == entry && !r.live));
 
     // SAFETY: writing one byte from a live buffer to our pipe.
@@ -97,7 +101,10 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(freed, "the trampoline was never reclaimed after the reader left");
+    assert!(
+        freed,
+        "the trampoline was never reclaimed after the reader left"
+    );
     // SAFETY: closing our own descriptors.
     unsafe {
         libc::close(rd);

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod chain;
 mod cxx;
 mod differential;
 mod generated;

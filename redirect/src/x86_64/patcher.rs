@@ -271,7 +271,6 @@ impl Patcher {
             return Err(Error::AlreadyInstalled { entry });
         }
         let p = a.patch_point;
-        let ovl = a.original.len() as u64;
         let now = self.writer.read(p, a.original.len()).ok();
         let pad_now = a.pad_jump.and_then(|j| self.writer.read(j, JMP32_LEN).ok());
         if now.as_deref() != Some(&a.original[..])
@@ -334,7 +333,7 @@ impl Patcher {
             stub: stub_addr,
         };
 
-        let result = self.write_site(a, &slot, stub_addr, tramp_addr, &tramp.map);
+        let result = self.write_site(a, stub_addr, tramp_addr, &tramp.map);
         match result {
             Ok(()) => {
                 inner.installed += 1;
@@ -352,7 +351,6 @@ impl Patcher {
             }
             Err(e) => {
                 // Threads may have trapped into the stub meanwhile: reclaim it later.
-                let _ = ovl;
                 inner.retired.push(Retired {
                     slot,
                     entry,
@@ -410,7 +408,6 @@ impl Patcher {
     fn write_site(
         &self,
         a: &SiteAnalysis,
-        _slot: &Slot,
         stub: u64,
         tramp: u64,
         map: &[(u64, u64)],
