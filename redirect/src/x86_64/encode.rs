@@ -68,9 +68,9 @@ fn rip_rel(target: u64) -> MemoryOperand {
 /// ```text
 /// mov r11, fs:[tls_offset]      ; the thread's universe word
 /// cmp r11, [rip+migrated_value]
-/// jne 1f
-/// jmp [rip+to]
-/// 1: jmp [rip+from]
+/// je 1f
+/// jmp [rip+from]                ; falls through: steady sites and unmigrated threads
+/// 1: jmp [rip+to]
 /// ```
 ///
 /// The `fs:[disp32]` operand uses `displ_size = 8`: with 4, iced-x86 would emit a 0x67
@@ -85,10 +85,9 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
         false,
         Register::FS,
     );
-    let mut jmp_from =
-        Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::FROM as u64))?;
+    let mut jmp_to = Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::TO as u64))?;
     // Any address will do as a label, as long as it is unique in the block.
-    jmp_from.set_ip(1);
+    jmp_to.set_ip(1);
     let block = [
         Instruction::with2(Code::Mov_r64_rm64, Register::R11, fs)?,
         Instruction::with2(
@@ -96,9 +95,9 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
             Register::R11,
             rip_rel(site + site_offsets::MIGRATED_VALUE as u64),
         )?,
-        Instruction::with_branch(Code::Jne_rel8_64, 1)?,
-        Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::TO as u64))?,
-        jmp_from,
+        Instruction::with_branch(Code::Je_rel8_64, 1)?,
+        Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::FROM as u64))?,
+        jmp_to,
     ];
     Ok(BlockEncoder::encode(
         64,
@@ -169,9 +168,9 @@ mod tests {
             vec![
                 "mov r11,fs:[0xFFFFFFFFFFFFFFC0]".to_string(),
                 format!("cmp r11,[{:#X}]", site),
-                format!("jne short {:#X}", at + 9 + 7 + 2 + 6),
-                format!("jmp qword ptr [{:#X}]", site + 16),
+                format!("je short {:#X}", at + 9 + 7 + 2 + 6),
                 format!("jmp qword ptr [{:#X}]", site + 8),
+                format!("jmp qword ptr [{:#X}]", site + 16),
             ]
         );
     }
