@@ -304,6 +304,8 @@ pub struct ModuleFile {
     pub section_vaddr: u64,
     /// The section's bytes as in the file (every slot zero).
     pub section_bytes: Vec<u8>,
+    /// The module's own GNU build-id, if it has one.
+    pub build_id: Option<Vec<u8>>,
     pub(crate) exports: HashMap<String, Export>,
     pub(crate) loads: Vec<LoadSegment>,
 }
@@ -385,11 +387,16 @@ impl ModuleFile {
                 },
             );
         }
+        let build_id = elf
+            .build_id()
+            .map_err(|err| bad(path, err))?
+            .map(<[u8]>::to_vec);
         let module = ModuleFile {
             path: path.to_owned(),
             manifest,
             section_vaddr: vaddr,
             section_bytes: bytes,
+            build_id,
             exports,
             loads,
         };

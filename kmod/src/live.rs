@@ -238,7 +238,17 @@ impl Loaded {
             bias,
             resolved: None,
         };
-        if loaded.live_section() != loaded.module.section_bytes {
+        // The object dlopen mapped must be the file we read: same manifest bytes, and the
+        // same build-id in memory as on disk (the file could be replaced in between).
+        let mapped_id = loaded_objects()
+            .into_iter()
+            .find(|o| !o.is_main && o.bias == bias)
+            .and_then(|o| o.build_id);
+        let same_build = match (&mapped_id, &loaded.module.build_id) {
+            (Some(memory), Some(file)) => memory == file,
+            _ => true,
+        };
+        if !same_build || loaded.live_section() != loaded.module.section_bytes {
             // SAFETY: as above; the module's code is not in use.
             unsafe { libc::dlclose(handle.as_ptr()) };
             return Err(KmodError::ModuleChanged {

@@ -113,6 +113,18 @@ fn resolves_fills_slots_and_the_new_function_works() {
     // SAFETY: our fixture module has no constructors.
     let mut loaded = unsafe { Loaded::open(&path) }.unwrap();
     assert_eq!(loaded.slot_values(), vec![0, 0, 0]);
+    // The mapped object is the file: found at the module's bias with the file's build-id.
+    let mapped = kgpatch_kmod::loaded_objects()
+        .into_iter()
+        .find(|o| o.bias == loaded.bias())
+        .unwrap();
+    assert!(
+        mapped.name.ends_with("patch_c.c-GOOD.so"),
+        "{}",
+        mapped.name
+    );
+    assert!(mapped.build_id.is_some());
+    assert_eq!(mapped.build_id, loaded.module().build_id);
     let resolved = loaded.resolve(ResolveOptions::default()).unwrap().clone();
     assert_eq!(resolved.table, SymbolTable::Symtab);
     assert_eq!(resolved.target_file, f.lib);
