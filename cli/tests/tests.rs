@@ -1,1 +1,16 @@
-//! Integration tests of the kgpatch CLI live with the end-to-end tests.
+//! End-to-end tests of kgpatch: real target processes (C, C++ and Rust, built by the tests
+//! into temporary directories) with `libkgpatch_agent.so` preloaded, driven by the `kgpatch`
+//! binary. Each test has its own runtime directory, so they run in parallel; every target is
+//! killed when its test ends, passed or not.
+//!
+//! Run: `CARGO_TARGET_DIR=target/e2e cargo test --release -p kgpatch-cli`.
+
+mod harness;
+
+mod bad_input;
+mod cxx;
+mod frames;
+mod load;
+mod parked;
+mod stress;
+mod syscalls;

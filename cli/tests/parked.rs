@@ -1,0 +1,123 @@
+//! A thread parked inside an old function: it blocks the transition, `status` names it, the
+//! deadline reverses the transition, `force` completes it, and leaving lets it complete.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kgpatch_agent::protocol::{BlockerInfo, OutcomeKind, Status};
+
+use crate::harness::*;
+
+/// The tid named in a `PARKED <tid>` line.
+pub fn parked_tid(line: &str) -> u32 {
+    line.strip_prefix("PARKED ")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not a PARKED line: {line:?}"))
+}
+
+/// The blocker `status` shows for thread `tid`, if it is pending and blocked inside a
+/// function: (function, depth).
+pub fn busy_blocker(s: &Status, tid: u32) -> Option<(String, u16)> {
+    let tr = s.transition.as_ref()?;
+    let th = tr.pending.iter().find(|th| th.tid == tid)?;
+    match &th.blocker {
+        Some(BlockerInfo::Busy { function, depth }) => Some((function.clone(), *depth)),
+        _ => None,
+    }
+}
+
+/// Builds the patch that replaces `parked_fn` (and `answer`) for target `exe`.
+pub fn parked_patch(dir: &TempDir, exe: &Path, name: &str) -> PathBuf {
+    let fix = dir.join(&format!("{name}.so"));
+    let mut defs = vec![
+        format!("-DNAME=\"{name}\""),
+        "-DPATCH_PARKED".into(),
+        "-DPATCH_ANSWER".into(),
+    ];
+    defs.extend(sym_defines(exe, &["parked_fn", "answer"]));
+    build_patch("fix.c", &fix, &defs);
+    fix
+}
+
+/// Runs `kgpatch <args>` for `t` on another thread; join it for the result.
+pub fn background(t: &Target, args: &[&str]) -> std::thread::JoinHandle<Out> {
+    let cmd = t.kg_cmd(args);
+    std::thread::spawn(move || run_limited(cmd, Duration::from_secs(60)))
+}
+
+/// Waits until `status` shows thread `tid` blocked inside `parked_fn`; returns the depth.
+#[track_caller]
+pub fn wait_blocked_in_parked_fn(t: &Target, tid: u32) -> u16 {
+    let s = t.status_until(Duration::from_secs(10), |s| busy_blocker(s, tid).is_some());
+    let (function, depth) = busy_blocker(&s, tid).unwrap();
+    assert!(
+        function.contains("parked_fn"),
+        "status names {function:?}, not parked_fn, as the blocker of thread {tid}: {s:#?}"
+    );
+    depth
+}
+
+/// Proves that a thread parked inside an old function blocks completion: `status --json`
+/// names `parked_fn` as the blocker of that tid; with `--timeout 1s` the transition is
+/// reversed (exit 4) and the process runs the old code; with `--keep-pending` the
+/// transition stays past its deadline and `kgpatch force` completes it; and a transition
+/// waiting on a parked thread completes (exit 0) once the thread leaves.
+#[test]
+fn parked_thread_blocks_until_deadline_force_or_leave() {
+    let dir = TempDir::new("parked");
+    let exe = build_target(&dir, "target", &[]);
+    let fix = parked_patch(&dir, &exe, "fix-parked");
+    let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("4").start();
+    let pid = t.pid_arg();
+    let fix_s = fix.to_str().unwrap();
+
+    // 1. The deadline reverses the transition.
+    t.send("park");
+    let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
+    let apply = background(&t, &["apply", &pid, fix_s, "--timeout", "1s"]);
+    let depth = wait_blocked_in_parked_fn(&t, tid);
+    assert!(depth >= 2, "parked_fn is below park_wait and nanosleep, not at depth {depth}");
+    let out = apply.join().unwrap();
+    out.expect(4, "reversed");
+    let s = t.status();
+    assert!(s.patches.is_empty() && s.transition.is_none(), "{s:#?}");
+    assert_eq!(s.last.as_ref().unwrap().result, OutcomeKind::Reversed);
+    let st = t.stats();
+    assert_eq!((st["bad"], st["last_old"]), (0, 4), "old code after the reversal: {st:?}");
+
+    // 2. --keep-pending: the deadline passes, the transition stays; force completes it.
+    t.kg(&["apply", &pid, fix_s, "--timeout", "300ms", "--keep-pending", "--no-wait"])
+        .expect_code(0);
+    std::thread::sleep(Duration::from_millis(600));
+    let s = t.status();
+    let tr = s.transition.as_ref().expect("the transition is kept pending past its deadline");
+    assert!(!tr.reversed && tr.remaining_ms == 0, "{s:#?}");
+    assert!(busy_blocker(&s, tid).is_some_and(|(f, _)| f.contains("parked_fn")), "{s:#?}");
+    t.kg(&["force", &pid]).expect(0, "WARNING");
+    let s = t.status_until(Duration::from_secs(5), |s| s.transition.is_none());
+    assert_eq!(s.last.as_ref().unwrap().result, OutcomeKind::Completed, "{s:#?}");
+    assert_eq!(s.patches.len(), 1, "{s:#?}");
+    let st = t.stats();
+    assert_eq!((st["bad"], st["last_new"]), (0, 4), "new code after force: {st:?}");
+    // Forced, the parked thread finishes the old body it was in.
+    t.send("unpark");
+    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 101");
+
+    // 3. A parked thread (now in the new body) holds the revert until it leaves.
+    t.send("park");
+    let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
+    let revert = background(&t, &["revert", &pid, "fix-parked", "--timeout", "30s"]);
+    wait_blocked_in_parked_fn(&t, tid);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(t.status().transition.is_some(), "the revert completed with a thread inside the new parked_fn");
+    t.send("unpark");
+    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 201");
+    let out = revert.join().unwrap();
+    expect_completed(&out);
+    let st = t.stats();
+    assert_eq!((st["bad"], st["last_old"]), (0, 4), "{st:?}");
+    eprintln!(
+        "parked: blocker depth {depth}; revert waited {:?} for the parked thread",
+        out.elapsed
+    );
+}
