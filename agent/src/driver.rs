@@ -167,7 +167,7 @@ impl Driver {
         loaded.pre_apply()?;
         let mut functions = Vec::new();
         for f in &resolved.functions {
-            let size = module_symbol_size(path, &f.new_symbol).unwrap_or(1);
+            let size = f.new_size;
             functions.push((
                 f.old.to_string(),
                 f.old_address,
@@ -607,6 +607,7 @@ impl Driver {
             patch: p.patch,
             result,
             elapsed_ms: ms(elapsed),
+            elapsed_us: elapsed.as_micros().min(u64::MAX as u128) as u64,
             message,
         });
         true
@@ -674,6 +675,7 @@ impl Driver {
             patches,
             transition,
             last: self.last.clone(),
+            handler: crate::timing::snapshot(),
         }
     }
 }
@@ -751,13 +753,3 @@ fn thread_name(tid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The size of `symbol` in the module file at `path` (for the new function's code range).
-fn module_symbol_size(path: &Path, symbol: &str) -> Option<u64> {
-    use object::{Object, ObjectSymbol};
-    let data = std::fs::read(path).ok()?;
-    let file = object::File::parse(&*data).ok()?;
-    file.symbols()
-        .chain(file.dynamic_symbols())
-        .find(|s| s.name() == Ok(symbol))
-        .map(|s| s.size())
-}

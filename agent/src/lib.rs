@@ -32,6 +32,9 @@ pub mod protocol;
 mod registry;
 mod server;
 mod stacks;
+mod timing;
+
+pub use timing::HandlerTimes;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

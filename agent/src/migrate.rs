@@ -12,6 +12,7 @@ use kgpatch_universe::{Blocker, Check, Gate, Migration, Side};
 
 use crate::registry;
 use crate::stacks::StackMap;
+use crate::timing;
 
 /// The gate of this process.
 pub static GATE: Gate = Gate::new();
@@ -55,6 +56,12 @@ fn current_word() -> u64 {
 
 /// The migration handler's action, on the interrupted context `uc`.
 pub fn on_signal(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
+    let entered = timing::now_ns();
+    migrate_interrupted(uc, ctx);
+    timing::record(timing::now_ns().saturating_sub(entered));
+}
+
+fn migrate_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
     let Some(slot) = registry::claim(tid(), current_word()) else {
         return;
     };

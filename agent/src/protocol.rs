@@ -146,6 +146,9 @@ pub struct Status {
     pub transition: Option<TransitionInfo>,
     /// The most recent finished transition.
     pub last: Option<Outcome>,
+    /// How long the migration handler held threads, over the agent's life.
+    #[serde(default)]
+    pub handler: crate::timing::HandlerTimes,
 }
 
 /// An applied patch.
@@ -247,6 +250,9 @@ pub struct Outcome {
     pub result: OutcomeKind,
     /// Milliseconds from begin to end.
     pub elapsed_ms: u64,
+    /// Microseconds from begin to end.
+    #[serde(default)]
+    pub elapsed_us: u64,
     /// A sentence for a human.
     pub message: String,
 }

@@ -126,6 +126,17 @@ pub fn status(s: &Status) -> String {
     if let Some(o) = &s.last {
         let _ = writeln!(out, "last: {}", outcome(o));
     }
+    let h = &s.handler;
+    if h.count > 0 {
+        let _ = writeln!(
+            out,
+            "migration handler: {} runs, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",
+            h.count,
+            h.p50_ns as f64 / 1000.0,
+            h.p99_ns as f64 / 1000.0,
+            h.max_ns as f64 / 1000.0
+        );
+    }
     out
 }
 
