@@ -147,7 +147,7 @@ impl Driver {
         let _span = info_span!("apply", module = %path.display()).entered();
         self.ensure_idle()?;
         let mut loaded = open_module(path)?;
-        let result = self.apply_loaded(&mut loaded, path);
+        let result = self.apply_loaded(&mut loaded);
         match result {
             Ok(plan) => self.begin_apply(loaded, path, plan, timeout, on_timeout),
             Err(e) => {
@@ -158,7 +158,7 @@ impl Driver {
         }
     }
 
-    fn apply_loaded(&mut self, loaded: &mut Loaded, path: &Path) -> Result<ApplyPlan, AgentError> {
+    fn apply_loaded(&mut self, loaded: &mut Loaded) -> Result<ApplyPlan, AgentError> {
         let name = loaded.manifest().name.clone();
         if self.universe.patches().iter().any(|p| p.spec.name == name) {
             return Err(kgpatch_universe::UniverseError::DuplicatePatch(name).into());
@@ -752,4 +752,3 @@ fn thread_name(tid: u32) -> String {
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default()
 }
-
