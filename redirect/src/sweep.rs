@@ -14,7 +14,7 @@
 //!
 //! # Safety
 //! A sweep's shared state lives on the stack of [`Sweep::run`]. Handlers reach it through
-//! [`CURRENT`], counted in [`INFLIGHT`]: `run` clears `CURRENT` and waits for `INFLIGHT` to
+//! `CURRENT`, counted in `INFLIGHT`: `run` clears `CURRENT` and waits for `INFLIGHT` to
 //! drop to zero before it returns, so no handler uses the state (or the borrowed action)
 //! after `run` returns. Both sides use `SeqCst`, so a handler either sees the pointer and is
 //! counted, or sees null.
