@@ -72,3 +72,105 @@ fn tls_slot_is_at_one_offset_in_every_thread() {
     tls::set_current_word_for_testing(0);
     assert_eq!(tls::current().word(), 0);
 }
+
+#[test]
+fn threads_exiting_during_sweeps_are_fine() {
+    let sweep: Sweep = *patcher().sweep();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::spawn(|| std::hint::black_box(1 + 1))
+                    .join()
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let action = |_: &mut libc::ucontext_t| {};
+    let mut exited = 0;
+    for _ in 0..30 {
+        let report = sweep.run(&action, Duration::from_secs(10)).unwrap();
+        assert!(report.timed_out.is_empty(), "{report:?}");
+        exited += report.exited.len();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let spawned = spawner.join().unwrap();
+    assert!(spawned > 0);
+    eprintln!("{spawned} short-lived threads, {exited} seen exiting during 30 sweeps");
+}
+
+/// A thread that blocks the sweep signal while running (so its pc cannot be known) makes the
+/// install fail with `ThreadsUnreachable`, and the function is left exactly as it was. In a
+/// child process, to use a short deadline.
+#[test]
+fn an_unreachable_thread_rolls_the_install_back() {
+    if std::env::var_os("KGPATCH_UNREACHABLE_CHILD").is_some() {
+        let p = kgpatch_redirect::Patcher::new(kgpatch_redirect::PatcherConfig {
+            sweep_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .unwrap();
+        let signal = p.sweep().signal();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // SAFETY: building and installing a signal mask for this thread only.
+                unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, signal);
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                }
+                tx.send(gettid()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let tid = rx.recv().unwrap();
+        let lib = crate::common::c_lib("o2");
+        let (entry, size) = lib.func("fx_work");
+        let f = lib.f1("fx_work");
+        let before = crate::common::bytes(entry - 16, size + 16);
+        let a = p
+            .analyze(entry, size, kgpatch_redirect::PadHint::Auto)
+            .unwrap();
+        match p.install(&a) {
+            Err(kgpatch_redirect::Error::ThreadsUnreachable { tids, .. }) => {
+                assert_eq!(tids, vec![tid])
+            }
+            other => panic!("expected ThreadsUnreachable, got {other:?}"),
+        }
+        assert_eq!(crate::common::bytes(entry - 16, size + 16), before);
+        assert_eq!(f(5), lib.f1("fx_work")(5));
+        assert!(p.site(entry).is_none());
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().unwrap();
+        // With the thread gone, the same analysis installs.
+        p.install(&a).unwrap();
+        p.remove(entry).unwrap();
+        assert_eq!(crate::common::bytes(entry - 16, size + 16), before);
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sweep::an_unreachable_thread_rolls_the_install_back",
+            "--nocapture",
+        ])
+        .env("KGPATCH_UNREACHABLE_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
