@@ -22,6 +22,7 @@ use crate::protocol::{
 };
 use crate::registry;
 use crate::stacks::StackMap;
+use crate::stw;
 
 /// Default deadline of a transition.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,6 +78,8 @@ struct Pending {
     retry: Duration,
     /// Threads the last sweep found blocking the signal.
     blocked: Vec<u32>,
+    /// Move every thread at once in a rendezvous (the benchmark's baseline).
+    stop_the_world: bool,
 }
 
 /// The driver's state. One per process, owned by the agent thread.
@@ -93,6 +96,17 @@ pub struct Driver {
     index: Option<UnwindIndex>,
     pending: Option<Pending>,
     last: Option<Outcome>,
+}
+
+/// How a transition runs.
+#[derive(Clone, Copy, Debug)]
+pub struct TransitionOptions {
+    /// Deadline.
+    pub timeout: Duration,
+    /// What happens at the deadline.
+    pub on_timeout: OnTimeout,
+    /// Move every thread at once in a rendezvous (the benchmark's baseline).
+    pub stop_the_world: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -141,15 +155,14 @@ impl Driver {
     pub fn apply(
         &mut self,
         path: &Path,
-        timeout: Duration,
-        on_timeout: OnTimeout,
+        opts: TransitionOptions,
     ) -> Result<(u64, String), AgentError> {
         let _span = info_span!("apply", module = %path.display()).entered();
         self.ensure_idle()?;
         let mut loaded = open_module(path)?;
         let result = self.apply_loaded(&mut loaded);
         match result {
-            Ok(plan) => self.begin_apply(loaded, path, plan, timeout, on_timeout),
+            Ok(plan) => self.begin_apply(loaded, path, plan, opts),
             Err(e) => {
                 // No site points into the module: nothing was installed for it.
                 unload(loaded);
@@ -211,8 +224,7 @@ impl Driver {
         loaded: Loaded,
         path: &Path,
         plan: ApplyPlan,
-        timeout: Duration,
-        on_timeout: OnTimeout,
+        opts: TransitionOptions,
     ) -> Result<(u64, String), AgentError> {
         let module = Module {
             loaded,
@@ -275,7 +287,7 @@ impl Driver {
             Err(e) => return undo(self, &installed, module, e.into()),
         };
         info!(t, patch = %name, "transition begins");
-        self.start_pending(Kind::Apply, name.clone(), Some(module), timeout, on_timeout);
+        self.start_pending(Kind::Apply, name.clone(), Some(module), opts);
         Ok((t, name))
     }
 
@@ -284,8 +296,7 @@ impl Driver {
     pub fn revert(
         &mut self,
         name: &str,
-        timeout: Duration,
-        on_timeout: OnTimeout,
+        opts: TransitionOptions,
     ) -> Result<crate::protocol::Response, AgentError> {
         let _span = info_span!("revert", patch = name).entered();
         if let Some(tr) = self.universe.transition() {
@@ -319,7 +330,7 @@ impl Driver {
             }
         };
         info!(t, patch = name, "revert begins");
-        self.start_pending(Kind::Revert, name.to_string(), None, timeout, on_timeout);
+        self.start_pending(Kind::Revert, name.to_string(), None, opts);
         Ok(crate::protocol::Response::Started {
             t,
             kind: Kind::Revert,
@@ -390,8 +401,7 @@ impl Driver {
         kind: Kind,
         patch: String,
         applying: Option<Module>,
-        timeout: Duration,
-        on_timeout: OnTimeout,
+        opts: TransitionOptions,
     ) {
         let now = Instant::now();
         let names = self
@@ -408,8 +418,8 @@ impl Driver {
             kind,
             patch,
             started: now,
-            deadline: now + timeout,
-            on_timeout,
+            deadline: now + opts.timeout,
+            on_timeout: opts.on_timeout,
             deadline_passed: false,
             applying,
             leaving_from: BusyRanges::empty(),
@@ -418,6 +428,7 @@ impl Driver {
             next_sweep: now,
             retry: FIRST_RETRY,
             blocked: Vec::new(),
+            stop_the_world: opts.stop_the_world,
         });
         let leaving_from = self.busy_ranges(Side::From);
         let leaving_to = self.busy_ranges(Side::To);
@@ -511,6 +522,12 @@ impl Driver {
             leaving_to: &p.leaving_to,
             stacks: &stacks,
         };
+        if p.stop_the_world {
+            let goal = self.universe.transition().map_or(Side::To, |tr| tr.goal);
+            let r = stw::rendezvous(&self.migration, &ctx, goal, SWEEP_WAIT * 10);
+            debug!(?r, "stop-the-world rendezvous");
+            return;
+        }
         let action = |uc: &mut libc::ucontext_t| migrate::on_signal(uc, &ctx);
         let _span = debug_span!("sweep").entered();
         let report = self.migration.run(&action, SWEEP_WAIT);

@@ -32,6 +32,7 @@ pub mod protocol;
 mod registry;
 mod server;
 mod stacks;
+mod stw;
 mod timing;
 
 pub use timing::HandlerTimes;

@@ -42,14 +42,14 @@ fn tid() -> u32 {
 }
 
 /// Copies the registry's word into the thread's TLS word, the one the stub reads.
-fn publish_word(word: u64) {
+pub(crate) fn publish_word(word: u64) {
     let mine = tls::current_ptr();
     // SAFETY: `current_ptr` is the calling thread's initial-exec TLS slot, alive while the
     // thread runs; only this thread writes it.
     unsafe { (*mine).adopt(word) };
 }
 
-fn current_word() -> u64 {
+pub(crate) fn current_word() -> u64 {
     // SAFETY: as in `publish_word`; a plain read of this thread's own slot.
     unsafe { (*tls::current_ptr()).word() }
 }
@@ -61,35 +61,39 @@ pub fn on_signal(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
     timing::record(timing::now_ns().saturating_sub(entered));
 }
 
+/// The stack check of the interrupted context `uc`, for a move to side `goal`.
+/// Async-signal-safe.
+pub fn check_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>, goal: Side) -> Check {
+    // SAFETY: `uc` is the kernel's context for this signal delivery.
+    let regs = unsafe { Regs::from_ucontext(uc) };
+    let ranges = match goal {
+        Side::To => ctx.leaving_from,
+        Side::From => ctx.leaving_to,
+    };
+    let Some(bounds) = ctx.stacks.bounds_of(regs.rsp()) else {
+        return Check::Blocked(Blocker::Unreliable {
+            reason: NO_STACK_MAPPING,
+        });
+    };
+    match ctx.index.walk(&regs, bounds, ranges) {
+        WalkOutcome::Clean { .. } => Check::Clean,
+        WalkOutcome::Busy {
+            depth, range_id, ..
+        } => Check::Blocked(Blocker::Busy {
+            site: range_id,
+            depth,
+        }),
+        WalkOutcome::Unreliable { why, .. } => {
+            Check::Blocked(Blocker::Unreliable { reason: why.code() })
+        }
+    }
+}
+
 fn migrate_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
     let Some(slot) = registry::claim(tid(), current_word()) else {
         return;
     };
-    // SAFETY: `uc` is the kernel's context for this signal delivery.
-    let regs = unsafe { Regs::from_ucontext(uc) };
-    let outcome = GATE.migrate(slot.state(), |_, goal| {
-        let ranges = match goal {
-            Side::To => ctx.leaving_from,
-            Side::From => ctx.leaving_to,
-        };
-        let Some(bounds) = ctx.stacks.bounds_of(regs.rsp()) else {
-            return Check::Blocked(Blocker::Unreliable {
-                reason: NO_STACK_MAPPING,
-            });
-        };
-        match ctx.index.walk(&regs, bounds, ranges) {
-            WalkOutcome::Clean { .. } => Check::Clean,
-            WalkOutcome::Busy {
-                depth, range_id, ..
-            } => Check::Blocked(Blocker::Busy {
-                site: range_id,
-                depth,
-            }),
-            WalkOutcome::Unreliable { why, .. } => {
-                Check::Blocked(Blocker::Unreliable { reason: why.code() })
-            }
-        }
-    });
+    let outcome = GATE.migrate(slot.state(), |_, goal| check_interrupted(uc, ctx, goal));
     if matches!(outcome, Migration::Moved(_) | Migration::AlreadyThere) {
         publish_word(slot.state().word());
     }

@@ -47,6 +47,9 @@ pub enum Request {
         /// What to do at the deadline.
         #[serde(default)]
         on_timeout: OnTimeout,
+        /// Halt every thread at once instead (the benchmark's baseline).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stop_the_world: bool,
     },
     /// Begin the transition that reverts the patch on top of the stack (or turn around the
     /// transition applying it, if it is still in progress).
@@ -59,6 +62,9 @@ pub enum Request {
         /// What to do at the deadline.
         #[serde(default)]
         on_timeout: OnTimeout,
+        /// Halt every thread at once instead (the benchmark's baseline).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stop_the_world: bool,
     },
     /// The patch stack and the transition in progress.
     Status,
@@ -307,6 +313,7 @@ mod tests {
             module: "/tmp/fix.so".into(),
             timeout_ms: Some(5000),
             on_timeout: OnTimeout::Reverse,
+            stop_the_world: false,
         };
         let line = encode(&r);
         assert_eq!(

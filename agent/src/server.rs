@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::driver::{Driver, DEFAULT_TIMEOUT};
+use crate::driver::{Driver, TransitionOptions, DEFAULT_TIMEOUT};
 use crate::error::AgentError;
 use crate::protocol::{self, ErrorKind, Request, Response};
 
@@ -177,13 +177,18 @@ fn failed(e: AgentError) -> Response {
 }
 
 fn handle(req: Request, driver: &mut Driver) -> Response {
-    let timeout = |ms: Option<u64>| ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    let opts = |ms: Option<u64>, on_timeout, stop_the_world| TransitionOptions {
+        timeout: ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis),
+        on_timeout,
+        stop_the_world,
+    };
     match req {
         Request::Apply {
             module,
             timeout_ms,
             on_timeout,
-        } => match driver.apply(&module, timeout(timeout_ms), on_timeout) {
+            stop_the_world,
+        } => match driver.apply(&module, opts(timeout_ms, on_timeout, stop_the_world)) {
             Ok((t, patch)) => {
                 driver.tick();
                 Response::Started {
@@ -198,7 +203,8 @@ fn handle(req: Request, driver: &mut Driver) -> Response {
             patch,
             timeout_ms,
             on_timeout,
-        } => match driver.revert(&patch, timeout(timeout_ms), on_timeout) {
+            stop_the_world,
+        } => match driver.revert(&patch, opts(timeout_ms, on_timeout, stop_the_world)) {
             Ok(r) => {
                 driver.tick();
                 r

@@ -46,6 +46,10 @@ enum Command {
         /// At the deadline, leave the transition pending instead of reversing it.
         #[arg(long)]
         keep_pending: bool,
+        /// BASELINE FOR BENCHMARKS ONLY: halt every thread at once (stop-the-world) instead
+        /// of moving them one by one.
+        #[arg(long)]
+        stop_the_world: bool,
         /// Return as soon as the transition began.
         #[arg(long)]
         no_wait: bool,
@@ -65,6 +69,10 @@ enum Command {
         /// At the deadline, leave the transition pending instead of reversing it.
         #[arg(long)]
         keep_pending: bool,
+        /// BASELINE FOR BENCHMARKS ONLY: halt every thread at once (stop-the-world) instead
+        /// of moving them one by one.
+        #[arg(long)]
+        stop_the_world: bool,
         /// Return as soon as the transition began.
         #[arg(long)]
         no_wait: bool,
@@ -188,6 +196,7 @@ fn run(cli: Cli) -> Result<u8> {
             module,
             timeout,
             keep_pending,
+            stop_the_world,
             no_wait,
             json,
         } => {
@@ -197,6 +206,7 @@ fn run(cli: Cli) -> Result<u8> {
                 module,
                 timeout_ms: Some(timeout.as_millis() as u64),
                 on_timeout: on_timeout(keep_pending),
+                stop_the_world,
             };
             transition(pid, req, no_wait, json)
         }
@@ -205,6 +215,7 @@ fn run(cli: Cli) -> Result<u8> {
             patch,
             timeout,
             keep_pending,
+            stop_the_world,
             no_wait,
             json,
         } => {
@@ -212,6 +223,7 @@ fn run(cli: Cli) -> Result<u8> {
                 patch,
                 timeout_ms: Some(timeout.as_millis() as u64),
                 on_timeout: on_timeout(keep_pending),
+                stop_the_world,
             };
             transition(pid, req, no_wait, json)
         }

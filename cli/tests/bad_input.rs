@@ -61,12 +61,22 @@ fn mapped_modules(t: &Target, dir: &Path) -> Vec<String> {
 /// Asserts the target is as it was: same code bytes, no module mapped, no patch, no
 /// transition, every worker on the old code, the helpers answering.
 #[track_caller]
-fn assert_untouched(case: &str, t: &mut Target, fns: &[(String, Sym)], before: &Snapshot, dir: &Path) {
+fn assert_untouched(
+    case: &str,
+    t: &mut Target,
+    fns: &[(String, Sym)],
+    before: &Snapshot,
+    dir: &Path,
+) {
     let after = snapshot(t, fns);
     for ((n, b), (_, a)) in before.0.iter().zip(&after.0) {
         assert_eq!(b, a, "{case}: the code of {n} changed");
     }
-    assert_eq!(mapped_modules(t, dir), Vec::<String>::new(), "{case}: a module stayed mapped");
+    assert_eq!(
+        mapped_modules(t, dir),
+        Vec::<String>::new(),
+        "{case}: a module stayed mapped"
+    );
     let s: Status = t.status();
     assert!(s.patches.is_empty(), "{case}: {s:#?}");
     assert!(s.transition.is_none(), "{case}: {s:#?}");
@@ -78,12 +88,23 @@ fn health(case: &str, t: &mut Target) {
     let s1 = t.stats();
     let s2 = t.stats();
     assert!(t.alive(), "{case}: the target died");
-    assert!(s2["calls"] > s1["calls"], "{case}: the workers stopped: {s2:?}");
+    assert!(
+        s2["calls"] > s1["calls"],
+        "{case}: the workers stopped: {s2:?}"
+    );
     assert_eq!((s2["bad"], s2["last_old"]), (0, 4), "{case}: {s2:?}");
     t.send("helpers");
-    assert_eq!(t.wait_line("HELPERS", Duration::from_secs(5)), "HELPERS 14 18", "{case}");
+    assert_eq!(
+        t.wait_line("HELPERS", Duration::from_secs(5)),
+        "HELPERS 14 18",
+        "{case}"
+    );
     t.send("tiny");
-    assert_eq!(t.wait_line("TINY", Duration::from_secs(5)), "TINY 0", "{case}");
+    assert_eq!(
+        t.wait_line("TINY", Duration::from_secs(5)),
+        "TINY 0",
+        "{case}"
+    );
 }
 
 /// The file offset and size of section `name` of a 64-bit ELF file.
@@ -91,7 +112,8 @@ fn elf_section(data: &[u8], name: &str) -> (usize, usize) {
     let u16_at = |o: usize| u16::from_le_bytes(data[o..o + 2].try_into().unwrap()) as usize;
     let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) as usize;
     let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap()) as usize;
-    let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
     let sh = |i: usize| shoff + i * shentsize;
     let strtab = u64_at(sh(shstrndx) + 0x18);
     (0..shnum)
@@ -108,7 +130,11 @@ fn with_manifest_version(module: &Path, out: &Path, version: u16) {
     let mut data = std::fs::read(module).unwrap();
     let (off, size) = elf_section(&data, ".kgpatch");
     assert!(size >= 16);
-    assert_eq!(&data[off..off + 4], &0x5250474bu32.to_le_bytes(), "record magic");
+    assert_eq!(
+        &data[off..off + 4],
+        &0x5250474bu32.to_le_bytes(),
+        "record magic"
+    );
     assert_eq!(u16::from_le_bytes([data[off + 4], data[off + 5]]), 1);
     data[off + 4..off + 6].copy_from_slice(&version.to_le_bytes());
     std::fs::write(out, data).unwrap();
@@ -149,17 +175,36 @@ fn bad_input_is_refused_and_target_untouched() {
     std::fs::write(&junk, bytes).unwrap();
     let plain = dir.join("plain.so");
     let plain_src = fixture("churn_lib.c");
-    cc("gcc", &["-O2", "-shared", "-fPIC", "-o", plain.to_str().unwrap(), plain_src.to_str().unwrap()]);
+    cc(
+        "gcc",
+        &[
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-o",
+            plain.to_str().unwrap(),
+            plain_src.to_str().unwrap(),
+        ],
+    );
     let good_a = module(&dir, &exe, "fix-a", &["-DPATCH_ANSWER"], &["answer"]);
     let good_b = module(&dir, &exe, "fix-b", &["-DPATCH_SCALE"], &["scale"]);
     let badver = dir.join("fix-ver.so");
     with_manifest_version(&good_a, &badver, 2);
-    let wrong_lib = module(&dir, &exe, "fix-lib", &["-DPATCH_ANSWER", "-DTARGET_LIB=\"libnotloaded.so.7\""], &["answer"]);
+    let wrong_lib = module(
+        &dir,
+        &exe,
+        "fix-lib",
+        &["-DPATCH_ANSWER", "-DTARGET_LIB=\"libnotloaded.so.7\""],
+        &["answer"],
+    );
     let wrong_bid = module(
         &dir,
         &exe,
         "fix-bid",
-        &["-DPATCH_ANSWER", "-DBUILD_ID=\"00112233445566778899aabbccddeeff00112233\""],
+        &[
+            "-DPATCH_ANSWER",
+            "-DBUILD_ID=\"00112233445566778899aabbccddeeff00112233\"",
+        ],
         &["answer"],
     );
     assert_ne!(build_id(&exe), "00112233445566778899aabbccddeeff00112233");
@@ -177,7 +222,13 @@ fn bad_input_is_refused_and_target_untouched() {
     let missing = module(&dir, &exe, "fix-missing", &["-DPATCH_MISSING"], &[]);
     let ambiguous = module(&dir, &exe, "fix-helper", &["-DPATCH_HELPER"], &[]);
     let tiny = module(&dir, &exe, "fix-tiny", &["-DPATCH_TINY"], &["tiny"]);
-    let veto = module(&dir, &exe, "fix-veto", &["-DPATCH_ANSWER", "-DVETO"], &["answer"]);
+    let veto = module(
+        &dir,
+        &exe,
+        "fix-veto",
+        &["-DPATCH_ANSWER", "-DVETO"],
+        &["answer"],
+    );
     let parked = parked_patch(&dir, &exe, "fix-parked");
 
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("4").start();
@@ -191,14 +242,22 @@ fn bad_input_is_refused_and_target_untouched() {
         ("ELF without manifest", &plain, "no .kgpatch section"),
         ("missing file", &nowhere, "cannot read the patch module"),
         ("manifest version 2", &badver, "format version 2"),
-        ("library not loaded", &wrong_lib, "libnotloaded.so.7, which is not loaded"),
+        (
+            "library not loaded",
+            &wrong_lib,
+            "libnotloaded.so.7, which is not loaded",
+        ),
         ("wrong build-id", &wrong_bid, "build-id"),
         ("wrong checksum", &wrong_sum, "checksum"),
         ("missing symbol", &missing, "no_such_function"),
         ("ambiguous local symbol", &ambiguous, "ambiguous"),
         ("3-byte function", &tiny, "patch site needs"),
         ("pre-apply veto", &veto, "the e2e veto callback says no"),
-        ("build-id case again, to check nothing piled up", &wrong_bid, "build-id"),
+        (
+            "build-id case again, to check nothing piled up",
+            &wrong_bid,
+            "build-id",
+        ),
     ];
     let mut report = String::new();
     for (case, module, needle) in cases {
@@ -211,11 +270,18 @@ fn bad_input_is_refused_and_target_untouched() {
     }
     // The ambiguity names both candidates.
     let out = t.apply(&ambiguous, "5s");
-    assert!(out.stderr.contains("amb_a.c") && out.stderr.contains("amb_b.c"), "{out}");
+    assert!(
+        out.stderr.contains("amb_a.c") && out.stderr.contains("amb_b.c"),
+        "{out}"
+    );
 
     // A revert of a patch that is not on top; the byte check sees a real patch.
     expect_completed(&t.apply(&good_a, "10s"));
-    assert_ne!(snapshot(&t, &fns).0[0].1, original.0[0].1, "apply left answer's bytes as they were");
+    assert_ne!(
+        snapshot(&t, &fns).0[0].1,
+        original.0[0].1,
+        "apply left answer's bytes as they were"
+    );
     expect_completed(&t.apply(&good_b, "10s"));
     let stacked = snapshot(&t, &fns);
     let out = t.revert("fix-a", "5s");
@@ -224,10 +290,17 @@ fn bad_input_is_refused_and_target_untouched() {
     let s = t.status();
     assert_eq!(s.patches.len(), 2, "{s:#?}");
     assert!(s.transition.is_none());
-    assert_eq!(snapshot(&t, &fns).0, stacked.0, "a refused revert changed code");
+    assert_eq!(
+        snapshot(&t, &fns).0,
+        stacked.0,
+        "a refused revert changed code"
+    );
     let out = t.revert("fix-unknown", "5s");
     out.expect(1, "fix-unknown");
-    report.push_str(&format!("  revert of an unknown patch: {}\n", out.stderr.trim()));
+    report.push_str(&format!(
+        "  revert of an unknown patch: {}\n",
+        out.stderr.trim()
+    ));
     expect_completed(&t.revert("fix-b", "10s"));
     expect_completed(&t.revert("fix-a", "10s"));
     assert_untouched("after reverting both", &mut t, &fns, &original, dir.path());
@@ -235,25 +308,52 @@ fn bad_input_is_refused_and_target_untouched() {
     // A second transition while one runs.
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    t.kg(&["apply", &pid, parked.to_str().unwrap(), "--timeout", "30s", "--keep-pending", "--no-wait"])
-        .expect_code(0);
+    t.kg(&[
+        "apply",
+        &pid,
+        parked.to_str().unwrap(),
+        "--timeout",
+        "30s",
+        "--keep-pending",
+        "--no-wait",
+    ])
+    .expect_code(0);
     wait_blocked_in_parked_fn(&t, tid);
     let during = snapshot(&t, &fns);
     let tr_before = t.status().transition.unwrap();
     let out = t.apply(&good_b, "5s");
     out.expect(1, "in progress");
     report.push_str(&format!("  second transition: {}\n", out.stderr.trim()));
-    let tr_after = t.status().transition.expect("the first transition still runs");
-    assert_eq!((tr_after.t, &tr_after.patch, tr_after.reversed), (tr_before.t, &tr_before.patch, false));
-    assert_eq!(snapshot(&t, &fns).0, during.0, "the refused apply changed code");
+    let tr_after = t
+        .status()
+        .transition
+        .expect("the first transition still runs");
+    assert_eq!(
+        (tr_after.t, &tr_after.patch, tr_after.reversed),
+        (tr_before.t, &tr_before.patch, false)
+    );
+    assert_eq!(
+        snapshot(&t, &fns).0,
+        during.0,
+        "the refused apply changed code"
+    );
     t.send("unpark");
     t.wait_line("UNPARKED", Duration::from_secs(5));
     t.status_until(Duration::from_secs(10), |s| s.transition.is_none());
     expect_completed(&t.revert("fix-parked", "10s"));
-    assert_untouched("after the parked patch", &mut t, &fns, &original, dir.path());
+    assert_untouched(
+        "after the parked patch",
+        &mut t,
+        &fns,
+        &original,
+        dir.path(),
+    );
 
     // A pid without an agent, and a pid that does not exist.
-    let mut plain_target = Spawn::new(&exe, &dir.runtime_dir()).arg("1").no_agent().start();
+    let mut plain_target = Spawn::new(&exe, &dir.runtime_dir())
+        .arg("1")
+        .no_agent()
+        .start();
     let out = plain_target.kg(&["status", &plain_target.pid_arg()]);
     out.expect(3, "runs no kgpatch agent");
     report.push_str(&format!("  no agent: {}\n", out.stderr.trim()));
@@ -312,7 +412,10 @@ fn other_uid_is_refused() {
 
     let out = kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid]);
     out.expect(3, "permission denied");
-    let out = kgpatch_as_nobody(&dir.runtime_dir(), &["apply", &pid, public.to_str().unwrap()]);
+    let out = kgpatch_as_nobody(
+        &dir.runtime_dir(),
+        &["apply", &pid, public.to_str().unwrap()],
+    );
     out.expect(3, "permission denied");
     eprintln!("other uid, 0700 directory: {}", out.stderr.trim());
     assert_untouched("other uid (directory)", &mut t, &fns, &original, dir.path());
@@ -320,14 +423,27 @@ fn other_uid_is_refused() {
     // Open the directories and the socket to everyone: now the agent's own check answers.
     use std::os::unix::fs::PermissionsExt;
     let sock = dir.runtime_dir().join(format!("{pid}.sock"));
-    for (p, mode) in [(dir.path().to_owned(), 0o711), (dir.runtime_dir(), 0o711), (sock, 0o777)] {
+    for (p, mode) in [
+        (dir.path().to_owned(), 0o711),
+        (dir.runtime_dir(), 0o711),
+        (sock, 0o777),
+    ] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let out = kgpatch_as_nobody(&dir.runtime_dir(), &["apply", &pid, public.to_str().unwrap()]);
+    let out = kgpatch_as_nobody(
+        &dir.runtime_dir(),
+        &["apply", &pid, public.to_str().unwrap()],
+    );
     out.expect(1, "permission denied");
     eprintln!("other uid, open socket: {}", out.stderr.trim());
     kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid]).expect(1, "own user or root");
-    assert_untouched("other uid (peer check)", &mut t, &fns, &original, dir.path());
+    assert_untouched(
+        "other uid (peer check)",
+        &mut t,
+        &fns,
+        &original,
+        dir.path(),
+    );
     // root may.
     expect_completed(&t.apply(&fix, "10s"));
 }

@@ -25,7 +25,14 @@ fn cxx_exceptions_and_pthread_cancel() {
     let src = fixture("cxx.cpp");
     cc(
         "g++",
-        &["-O2", "-g", "-pthread", "-o", exe.to_str().unwrap(), src.to_str().unwrap()],
+        &[
+            "-O2",
+            "-g",
+            "-pthread",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
     );
     let mut defs = Vec::new();
     for (short, mangled) in [
@@ -45,10 +52,16 @@ fn cxx_exceptions_and_pthread_cancel() {
     // A thread blocked in the old blocker_fn holds the apply; cancelling it lets it finish.
     t.send("block");
     let tid = blocked_tid(&t.wait_line("BLOCKED", Duration::from_secs(5)));
-    let apply = background(&t, &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"]);
+    let apply = background(
+        &t,
+        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+    );
     let s = t.status_until(Duration::from_secs(10), |s| busy_blocker(s, tid).is_some());
     let (function, _) = busy_blocker(&s, tid).unwrap();
-    assert!(function.contains("blocker_fn"), "blocker {function:?}: {s:#?}");
+    assert!(
+        function.contains("blocker_fn"),
+        "blocker {function:?}: {s:#?}"
+    );
     t.send("cancel");
     assert_eq!(
         t.wait_line("CANCELED", Duration::from_secs(10)),
@@ -72,7 +85,10 @@ fn cxx_exceptions_and_pthread_cancel() {
     std::thread::sleep(Duration::from_millis(100));
     expect_completed(&t.revert("fix-cxx", "30s"));
     let s = t.stats();
-    assert!(s["caught_new"] > new_before, "no exception came from the new version: {s:?}");
+    assert!(
+        s["caught_new"] > new_before,
+        "no exception came from the new version: {s:?}"
+    );
 
     for _ in 0..10 {
         expect_completed(&t.apply(&fix, "30s"));
@@ -80,6 +96,9 @@ fn cxx_exceptions_and_pthread_cancel() {
     }
     let s = t.stats();
     assert_eq!((s["bad"], s["dtor_missing"]), (0, 0), "{s:?}");
-    assert!(s["caught"] > s["caught_new"] && s["caught_new"] > 0, "{s:?}");
+    assert!(
+        s["caught"] > s["caught_new"] && s["caught_new"] > 0,
+        "{s:?}"
+    );
     eprintln!("cxx: {s:?}");
 }

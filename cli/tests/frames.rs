@@ -14,8 +14,16 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     let file = std::fs::read(&exe).unwrap();
     // PIE: link-time addresses of .text equal file offsets for gcc's default layout.
     let body = &file[sym.address as usize..(sym.address + sym.size) as usize];
-    let has_fp = body.windows(4).take(8).any(|w| w == [0x55, 0x48, 0x89, 0xe5]);
-    assert_eq!(has_fp, frame_pointer, "{name}: park_wait starts {:02x?}", &body[..8]);
+    let has_fp = body
+        .windows(4)
+        .take(8)
+        .any(|w| w == [0x55, 0x48, 0x89, 0xe5]);
+    assert_eq!(
+        has_fp,
+        frame_pointer,
+        "{name}: park_wait starts {:02x?}",
+        &body[..8]
+    );
 
     let fix = parked_patch(&dir, &exe, "fix-frames");
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("4").start();
@@ -32,13 +40,22 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     // and libc's nanosleep to see it.
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    let apply = background(&t, &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"]);
+    let apply = background(
+        &t,
+        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+    );
     let depth = wait_blocked_in_parked_fn(&t, tid);
     assert!(depth >= 2, "{name}: depth {depth}");
     std::thread::sleep(Duration::from_millis(200));
-    assert!(t.status().transition.is_some(), "{name}: completed with a thread in parked_fn");
+    assert!(
+        t.status().transition.is_some(),
+        "{name}: completed with a thread in parked_fn"
+    );
     t.send("unpark");
-    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 101");
+    assert_eq!(
+        t.wait_line("UNPARKED", Duration::from_secs(5)),
+        "UNPARKED 101"
+    );
     expect_completed(&apply.join().unwrap());
     // And back, blocked by the new body this time.
     t.send("park");
@@ -46,7 +63,10 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     let revert = background(&t, &["revert", &pid, "fix-frames", "--timeout", "30s"]);
     wait_blocked_in_parked_fn(&t, tid);
     t.send("unpark");
-    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 201");
+    assert_eq!(
+        t.wait_line("UNPARKED", Duration::from_secs(5)),
+        "UNPARKED 201"
+    );
     expect_completed(&revert.join().unwrap());
     let s = t.stats();
     assert_eq!((s["bad"], s["last_old"]), (0, 4), "{name}: {s:?}");

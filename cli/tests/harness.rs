@@ -39,7 +39,9 @@ pub fn agent_so() -> &'static Path {
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
-        let out = cmd.output().expect("running cargo to build the agent library");
+        let out = cmd
+            .output()
+            .expect("running cargo to build the agent library");
         assert!(
             out.status.success(),
             "building kgpatch-agent failed:\n{}",
@@ -80,8 +82,7 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(path.join("rt")).expect("creating the test's temp dir");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::set_permissions(path.join("rt"), std::fs::Permissions::from_mode(0o700))
-            .unwrap();
+        std::fs::set_permissions(path.join("rt"), std::fs::Permissions::from_mode(0o700)).unwrap();
         TempDir { path }
     }
 
@@ -588,11 +589,7 @@ pub fn expect_completed(out: &Out) {
 /// and `flags`.
 pub fn build_target(dir: &TempDir, name: &str, flags: &[&str]) -> PathBuf {
     let exe = dir.join(name);
-    let (src, a, b) = (
-        fixture("target.c"),
-        fixture("amb_a.c"),
-        fixture("amb_b.c"),
-    );
+    let (src, a, b) = (fixture("target.c"), fixture("amb_a.c"), fixture("amb_b.c"));
     let mut args = vec!["-O2", "-g", "-Wall", "-o", exe.to_str().unwrap()];
     args.extend_from_slice(flags);
     args.extend([

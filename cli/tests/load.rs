@@ -1,6 +1,5 @@
 //! Apply and revert under load; the encode/decode pair that must change together.
 
-
 use crate::harness::*;
 
 /// Proves that 50 apply/revert cycles of a two-function patch, with 4 threads calling both
@@ -28,7 +27,10 @@ fn apply_revert_under_load() {
         expect_completed(&a);
         apply_ms.extend(transition_ms(&a));
         let s = t.stats();
-        assert_eq!(s["bad"], 0, "cycle {cycle}: wrong results after apply: {s:?}");
+        assert_eq!(
+            s["bad"], 0,
+            "cycle {cycle}: wrong results after apply: {s:?}"
+        );
         assert_eq!(
             s["last_new"], 4,
             "cycle {cycle}: apply completed but not every worker runs the new code: {s:?}"
@@ -37,7 +39,10 @@ fn apply_revert_under_load() {
         expect_completed(&r);
         revert_ms.extend(transition_ms(&r));
         let s = t.stats();
-        assert_eq!(s["bad"], 0, "cycle {cycle}: wrong results after revert: {s:?}");
+        assert_eq!(
+            s["bad"], 0,
+            "cycle {cycle}: wrong results after revert: {s:?}"
+        );
         assert_eq!(
             s["last_old"], 4,
             "cycle {cycle}: revert completed but a worker still runs the new code: {s:?}"
@@ -46,7 +51,10 @@ fn apply_revert_under_load() {
     let end = t.stats();
     assert_eq!(end["bad"], 0, "{end:?}");
     assert!(end["a_new"] > 0 && end["s_new"] > 0, "{end:?}");
-    assert!(end["calls"] > before["calls"], "the workers stopped: {end:?}");
+    assert!(
+        end["calls"] > before["calls"],
+        "the workers stopped: {end:?}"
+    );
     assert!(t.alive());
     let st = t.status();
     assert!(st.patches.is_empty() && st.transition.is_none(), "{st:#?}");
@@ -65,7 +73,14 @@ fn pair_setup(dir: &TempDir, with_caller: bool) -> (std::path::PathBuf, std::pat
     let src = fixture("pair.c");
     cc(
         "gcc",
-        &["-O2", "-g", "-o", exe.to_str().unwrap(), src.to_str().unwrap(), "-lpthread"],
+        &[
+            "-O2",
+            "-g",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-lpthread",
+        ],
     );
     let fix = dir.join("fix-pair.so");
     let mut defs = vec!["-DNAME=\"fix-pair\"".to_string()];

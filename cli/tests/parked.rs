@@ -76,32 +76,64 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
     let apply = background(&t, &["apply", &pid, fix_s, "--timeout", "1s"]);
     let depth = wait_blocked_in_parked_fn(&t, tid);
-    assert!(depth >= 2, "parked_fn is below park_wait and nanosleep, not at depth {depth}");
+    assert!(
+        depth >= 2,
+        "parked_fn is below park_wait and nanosleep, not at depth {depth}"
+    );
     let out = apply.join().unwrap();
     out.expect(4, "reversed");
     let s = t.status();
     assert!(s.patches.is_empty() && s.transition.is_none(), "{s:#?}");
     assert_eq!(s.last.as_ref().unwrap().result, OutcomeKind::Reversed);
     let st = t.stats();
-    assert_eq!((st["bad"], st["last_old"]), (0, 4), "old code after the reversal: {st:?}");
+    assert_eq!(
+        (st["bad"], st["last_old"]),
+        (0, 4),
+        "old code after the reversal: {st:?}"
+    );
 
     // 2. --keep-pending: the deadline passes, the transition stays; force completes it.
-    t.kg(&["apply", &pid, fix_s, "--timeout", "300ms", "--keep-pending", "--no-wait"])
-        .expect_code(0);
+    t.kg(&[
+        "apply",
+        &pid,
+        fix_s,
+        "--timeout",
+        "300ms",
+        "--keep-pending",
+        "--no-wait",
+    ])
+    .expect_code(0);
     std::thread::sleep(Duration::from_millis(600));
     let s = t.status();
-    let tr = s.transition.as_ref().expect("the transition is kept pending past its deadline");
+    let tr = s
+        .transition
+        .as_ref()
+        .expect("the transition is kept pending past its deadline");
     assert!(!tr.reversed && tr.remaining_ms == 0, "{s:#?}");
-    assert!(busy_blocker(&s, tid).is_some_and(|(f, _)| f.contains("parked_fn")), "{s:#?}");
+    assert!(
+        busy_blocker(&s, tid).is_some_and(|(f, _)| f.contains("parked_fn")),
+        "{s:#?}"
+    );
     t.kg(&["force", &pid]).expect(0, "WARNING");
     let s = t.status_until(Duration::from_secs(5), |s| s.transition.is_none());
-    assert_eq!(s.last.as_ref().unwrap().result, OutcomeKind::Completed, "{s:#?}");
+    assert_eq!(
+        s.last.as_ref().unwrap().result,
+        OutcomeKind::Completed,
+        "{s:#?}"
+    );
     assert_eq!(s.patches.len(), 1, "{s:#?}");
     let st = t.stats();
-    assert_eq!((st["bad"], st["last_new"]), (0, 4), "new code after force: {st:?}");
+    assert_eq!(
+        (st["bad"], st["last_new"]),
+        (0, 4),
+        "new code after force: {st:?}"
+    );
     // Forced, the parked thread finishes the old body it was in.
     t.send("unpark");
-    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 101");
+    assert_eq!(
+        t.wait_line("UNPARKED", Duration::from_secs(5)),
+        "UNPARKED 101"
+    );
 
     // 3. A parked thread (now in the new body) holds the revert until it leaves.
     t.send("park");
@@ -109,9 +141,15 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     let revert = background(&t, &["revert", &pid, "fix-parked", "--timeout", "30s"]);
     wait_blocked_in_parked_fn(&t, tid);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(t.status().transition.is_some(), "the revert completed with a thread inside the new parked_fn");
+    assert!(
+        t.status().transition.is_some(),
+        "the revert completed with a thread inside the new parked_fn"
+    );
     t.send("unpark");
-    assert_eq!(t.wait_line("UNPARKED", Duration::from_secs(5)), "UNPARKED 201");
+    assert_eq!(
+        t.wait_line("UNPARKED", Duration::from_secs(5)),
+        "UNPARKED 201"
+    );
     let out = revert.join().unwrap();
     expect_completed(&out);
     let st = t.stats();

@@ -18,11 +18,26 @@ fn churn_malloc_dlopen_threads_during_200_cycles() {
     let (src, lib_src) = (fixture("churn.c"), fixture("churn_lib.c"));
     cc(
         "gcc",
-        &["-O2", "-g", "-o", exe.to_str().unwrap(), src.to_str().unwrap(), "-lpthread", "-ldl"],
+        &[
+            "-O2",
+            "-g",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-lpthread",
+            "-ldl",
+        ],
     );
     cc(
         "gcc",
-        &["-O2", "-shared", "-fPIC", "-o", lib.to_str().unwrap(), lib_src.to_str().unwrap()],
+        &[
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-o",
+            lib.to_str().unwrap(),
+            lib_src.to_str().unwrap(),
+        ],
     );
     let fix = dir.join("fix-churn.so");
     let mut defs = vec!["-DNAME=\"fix-churn\"".to_string(), "-DPATCH_ANSWER".into()];
@@ -47,7 +62,10 @@ fn churn_malloc_dlopen_threads_during_200_cycles() {
         if cycle % 50 == 49 {
             let s = t.stats();
             for k in ["malloc", "dl", "calls", "spawned"] {
-                assert!(s[k] > prev[k], "cycle {cycle}: the {k} threads made no progress: {s:?}");
+                assert!(
+                    s[k] > prev[k],
+                    "cycle {cycle}: the {k} threads made no progress: {s:?}"
+                );
             }
             assert_eq!((s["bad"], s["dlerr"]), (0, 0), "cycle {cycle}: {s:?}");
             prev = s;

@@ -6,7 +6,14 @@ use std::time::Duration;
 use crate::harness::*;
 
 const CALLS: [&str; 8] = [
-    "read", "cond", "futex", "accept", "nanosleep", "epoll", "poll", "select",
+    "read",
+    "cond",
+    "futex",
+    "accept",
+    "nanosleep",
+    "epoll",
+    "poll",
+    "select",
 ];
 /// Restarted under `SA_RESTART` (signal(7)): never EINTR. `cond` is pthread_cond_wait,
 /// which never returns EINTR and must not wake up spuriously either.
@@ -35,7 +42,14 @@ fn eintr_table_during_transitions() {
     let src = fixture("syscalls.c");
     cc(
         "gcc",
-        &["-O2", "-g", "-o", exe.to_str().unwrap(), src.to_str().unwrap(), "-lpthread"],
+        &[
+            "-O2",
+            "-g",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-lpthread",
+        ],
     );
     let fix = patch_answer(&dir, &exe, "fix-eintr");
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).start();
@@ -86,7 +100,14 @@ fn rust_std_program_through_transitions() {
     let src = fixture("std_target.rs");
     cc(
         &rustc,
-        &["-O", "--edition", "2021", "-o", exe.to_str().unwrap(), src.to_str().unwrap()],
+        &[
+            "-O",
+            "--edition",
+            "2021",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
     );
     let fix = patch_answer(&dir, &exe, "fix-rust");
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).start();
