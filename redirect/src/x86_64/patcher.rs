@@ -248,7 +248,9 @@ impl Patcher {
     /// Decides where the site of the function at `entry` (`size` bytes, from its symbol)
     /// goes, or why it cannot have one.
     pub fn analyze(&self, entry: u64, size: u64, pad: PadHint) -> Result<SiteAnalysis> {
-        if self.lock().sites.contains_key(&entry) {
+        // Held while reading, so no rewrite of ours (int3 in place) is seen half-way.
+        let inner = self.lock();
+        if inner.sites.contains_key(&entry) {
             return Err(Error::AlreadyInstalled { entry });
         }
         let code = self
@@ -259,6 +261,7 @@ impl Patcher {
             .iter()
             .find_map(|&n| self.writer.read(entry.checked_sub(n)?, n as usize).ok())
             .unwrap_or_default();
+        drop(inner);
         Ok(analyze_bytes(entry, &code, &before, pad)?)
     }
 
