@@ -692,7 +692,9 @@ impl Driver {
             patches,
             transition,
             last: self.last.clone(),
-            handler: crate::timing::snapshot(),
+            handler: crate::timing::HANDLER.snapshot(),
+            halted: crate::timing::HALTED.snapshot(),
+            unwind_index_bytes: self.index.as_ref().map_or(0, |i| i.heap_bytes() as u64),
         }
     }
 }

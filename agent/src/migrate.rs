@@ -58,7 +58,7 @@ pub(crate) fn current_word() -> u64 {
 pub fn on_signal(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
     let entered = timing::now_ns();
     migrate_interrupted(uc, ctx);
-    timing::record(timing::now_ns().saturating_sub(entered));
+    timing::HANDLER.record(timing::now_ns().saturating_sub(entered));
 }
 
 /// The stack check of the interrupted context `uc`, for a move to side `goal`.

@@ -155,6 +155,12 @@ pub struct Status {
     /// How long the migration handler held threads, over the agent's life.
     #[serde(default)]
     pub handler: crate::timing::HandlerTimes,
+    /// How long stop-the-world rendezvous held every thread (benchmark baseline only).
+    #[serde(default)]
+    pub halted: crate::timing::HandlerTimes,
+    /// Heap bytes of the unwind index (0 before the first transition).
+    #[serde(default)]
+    pub unwind_index_bytes: u64,
 }
 
 /// An applied patch.

@@ -159,6 +159,7 @@ pub fn rendezvous(
         RELEASE.store(if go { GO } else { RETRY }, Ordering::Release);
         futex_wake_all(&RELEASE);
         result.held = start.elapsed();
+        crate::timing::HALTED.record(result.held.as_nanos() as u64);
         let _ = signaller.join();
     });
     result
