@@ -88,6 +88,13 @@ impl Sweep {
         Ok(Sweep { signal })
     }
 
+    /// `true` if the signal is still handled by kgpatch (a program may have replaced the
+    /// handler since: a sweep would then time out, or worse, run the program's handler).
+    pub fn intact(&self) -> bool {
+        crate::x86_64::trap::current_handler(self.signal)
+            == Some(on_sweep_signal as *const () as usize)
+    }
+
     /// The signal this sweep sends.
     pub fn signal(&self) -> libc::c_int {
         self.signal

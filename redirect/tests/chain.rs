@@ -82,3 +82,33 @@ fn a_foreign_trap_without_handler_keeps_the_default_action() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_replaced_handler_is_detected() {
+    if std::env::var_os("KGPATCH_REPLACED_CHILD").is_some() {
+        let p = crate::common::patcher();
+        assert!(p.handlers_intact());
+        // SAFETY: installing a plain handler that only bumps an atomic.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = program_handler as *const () as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()),
+                0
+            );
+        }
+        assert!(!p.handlers_intact());
+        return;
+    }
+    let out = run_child(
+        "chain::a_replaced_handler_is_detected",
+        "KGPATCH_REPLACED_CHILD",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

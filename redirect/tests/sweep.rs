@@ -11,6 +11,7 @@ use crate::common::patcher;
 #[test]
 fn every_thread_runs_the_action_and_blocked_ones_are_reported() {
     let sweep: Sweep = *patcher().sweep();
+    assert!(sweep.intact() && patcher().handlers_intact());
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();

@@ -228,6 +228,13 @@ impl Patcher {
         self.writer.sweep()
     }
 
+    /// `true` if kgpatch's SIGTRAP and sweep handlers are both still installed. A program
+    /// that called `sigaction` for either since [`Patcher::new`] broke patching; the agent
+    /// reports it (or interposes `sigaction`).
+    pub fn handlers_intact(&self) -> bool {
+        trap::intact() && self.writer.sweep().intact()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &PatcherConfig {
         &self.config

@@ -70,6 +70,21 @@ pub fn install() -> Result<()> {
     Ok(())
 }
 
+/// `true` if SIGTRAP is still handled by kgpatch (a program may have replaced the handler
+/// since; patching is then unsafe: a thread hitting an int3 would not be sent on).
+pub fn intact() -> bool {
+    current_handler(libc::SIGTRAP) == Some(on_sigtrap as *const () as usize)
+}
+
+/// The address of the handler in force for `signal`.
+pub(crate) fn current_handler(signal: libc::c_int) -> Option<usize> {
+    // SAFETY: zeroed is a valid sigaction to receive the disposition; query only.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a valid out-pointer; a null new action only reads.
+    (unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } == 0)
+        .then_some(old.sa_sigaction)
+}
+
 /// Follows traps at `addr` from now on, sending threads to `dest`. Reuses the slot of an
 /// address already followed.
 pub fn register(addr: u64, dest: u64) -> Result<()> {
