@@ -266,9 +266,21 @@ pub fn gettid() -> i32 {
 
 /// Sends `sig` to thread `tid`; `false` if the thread is gone.
 fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
-    // SAFETY: tgkill only takes integers.
-    let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
-    r == 0
+    for _attempt in 0..1000 {
+        // SAFETY: tgkill only takes integers.
+        let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+        if r == 0 {
+            return true;
+        }
+        match errno() {
+            // The real-time signal queue is full (RLIMIT_SIGPENDING): try again shortly.
+            libc::EAGAIN => std::thread::sleep(Duration::from_micros(50)),
+            // ESRCH: the thread is gone.
+            _ => return false,
+        }
+    }
+    // Still full: count the thread as signalled; it will time out if it never runs.
+    true
 }
 
 fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
