@@ -8,6 +8,9 @@
 //! of each variant, the size and FNV-1a-64 checksum of its bytes in the file (what a patch
 //! entry must carry) and each binary's GNU build-id, so patch modules build against exactly
 //! these binaries.
+//!
+//! Then it compiles the sample patch modules `patches/*.c` against that header, once per
+//! variant, into `OUT_DIR/patches/<name>-<fp|nofp>.so` (folder in `KGPATCH_DEMO_PATCH_DIR`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -114,6 +117,53 @@ fn describe(path: &Path) -> String {
     out
 }
 
+/// The sample patch modules: (source in `patches/`, output name).
+const PATCHES: [(&str, &str); 6] = [
+    ("fix-incr.c", "fix-incr"),
+    ("codec-v2.c", "codec-v2"),
+    ("codec-pair-only.c", "codec-pair-only"),
+    ("slow-path.c", "slow-path"),
+    ("wrong-target.c", "wrong-target"),
+    ("missing-library.c", "missing-library"),
+];
+
+/// Compiles `patches/<source>` into `out` with the symbol values of the nofp build when
+/// `nofp_symbols`.
+fn build_patch(
+    compiler: &Path,
+    manifest: &Path,
+    out_dir: &Path,
+    source: &str,
+    out: &Path,
+    nofp_symbols: bool,
+) {
+    let mut cmd = Command::new(compiler);
+    cmd.current_dir(manifest.join("patches"))
+        .args(["-std=gnu11", "-O2", "-g", "-shared", "-fPIC"])
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(manifest.join("../kmod/include"))
+        .arg("-I")
+        .arg(manifest.join("server"))
+        .arg("-I")
+        .arg(out_dir);
+    if nofp_symbols {
+        cmd.arg("-DKV_TARGET_NOFP");
+    }
+    cmd.arg(source).arg("-o").arg(out);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {}: {e}", compiler.display()));
+    if !output.status.success() {
+        panic!(
+            "building the patch module {} failed ({}):\n{}",
+            out.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
@@ -151,6 +201,22 @@ fn main() {
     let syms = out_dir.join("kvserver_syms.h");
     std::fs::write(&syms, header).expect("writing kvserver_syms.h");
     println!("cargo:rustc-env=KGPATCH_DEMO_SYMS_H={}", syms.display());
+    println!("cargo:rerun-if-changed=patches");
+    println!("cargo:rerun-if-changed=../kmod/include/kgpatch.h");
+    let patch_dir = out_dir.join("patches");
+    std::fs::create_dir_all(&patch_dir).expect("creating OUT_DIR/patches");
+    for (source, name) in PATCHES {
+        for (variant, nofp) in [("fp", false), ("nofp", true)] {
+            // wrong-target-<V>.so carries the OTHER build's build-id and checksums
+            let nofp_symbols = if name == "wrong-target" { !nofp } else { nofp };
+            let out = patch_dir.join(format!("{name}-{variant}.so"));
+            build_patch(&compiler, &manifest, &out_dir, source, &out, nofp_symbols);
+        }
+    }
+    println!(
+        "cargo:rustc-env=KGPATCH_DEMO_PATCH_DIR={}",
+        patch_dir.display()
+    );
     println!("cargo:rustc-env=KGPATCH_DEMO_SERVER={}", fp.display());
     println!(
         "cargo:rustc-env=KGPATCH_DEMO_SERVER_NOFP={}",

@@ -87,6 +87,20 @@ pub enum Error {
         /// How long we waited.
         timeout: Duration,
     },
+    /// The `kgpatch` binary or the agent library could not be found or built.
+    #[error("kgpatch's tools are not available: {message}")]
+    Tools {
+        /// What failed.
+        message: String,
+    },
+    /// The private runtime directory for the agent could not be made.
+    #[error("cannot create the runtime directory {path}: {source}; check the temporary directory")]
+    RuntimeDir {
+        /// The directory.
+        path: PathBuf,
+        /// The filesystem error.
+        source: std::io::Error,
+    },
     /// Waiting for the child failed.
     #[error("cannot wait for the demo server (pid {pid}): {source}")]
     Wait {

@@ -8,11 +8,25 @@
 //!
 //! Latency is measured per request from just before the send to the end of the answer, so
 //! with pacing it does not include the time a late request waited for its slot.
+//!
+//! # Phases
+//! A caller that changes the server while the load runs (applies a patch, reverts it) can
+//! set [`LoadConfig::phase`] to a shared counter and bump it at each step: every request is
+//! attributed to the phase current when it was sent, and [`LoadReport::phases`] has the
+//! requests, failures and latency of each, so "latency while patching" and "latency when
+//! idle" come from one run.
+//!
+//! # INCR semantics
+//! The planted bug changes what `INCR k -n` does. [`LoadConfig::incr_sign`] says which
+//! semantics the model expects; [`IncrSign::Either`] accepts an answer that matches either
+//! (the sign applied or ignored), for a server that is being patched and reverted while the
+//! load runs. The model still checks every answer exactly against one of the two.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Client;
@@ -42,6 +56,22 @@ pub struct LoadConfig {
     pub request_timeout: Duration,
     /// Failures kept verbatim in [`LoadReport::failure_samples`].
     pub max_failure_samples: usize,
+    /// What `INCR k -n` must do (only matters with [`LoadConfig::negative_incr`]).
+    pub incr_sign: IncrSign,
+    /// The phase each request belongs to (see the module docs); `None`: one phase, 0.
+    pub phase: Option<Arc<AtomicUsize>>,
+}
+
+/// Which `INCR` semantics the load's model expects for a negative amount.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IncrSign {
+    /// `INCR k -5` subtracts 5 (correct; the server with `fix-incr` applied).
+    #[default]
+    Applied,
+    /// `INCR k -5` adds 5 (the planted bug of the unpatched server).
+    Ignored,
+    /// Either, answer by answer (a server being patched while the load runs).
+    Either,
 }
 
 impl LoadConfig {
@@ -59,6 +89,8 @@ impl LoadConfig {
             key_prefix: format!("load{}", std::process::id()),
             request_timeout: Duration::from_secs(10),
             max_failure_samples: 20,
+            incr_sign: IncrSign::Applied,
+            phase: None,
         }
     }
 }
@@ -77,6 +109,14 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// `{"p50":..,"p99":..,"p99.9":..,"max":..}` (microseconds).
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"p50\":{},\"p99\":{},\"p99.9\":{},\"max\":{}}}",
+            self.p50_us, self.p99_us, self.p999_us, self.max_us
+        )
+    }
+
     /// Percentiles of `samples` (microseconds; sorted in place). Nearest-rank method.
     pub fn from_samples(samples: &mut [u64]) -> Latency {
         if samples.is_empty() {
@@ -111,6 +151,20 @@ pub struct LoadReport {
     pub latency: Latency,
     /// The first few failures, described.
     pub failure_samples: Vec<String>,
+    /// Per phase (index = the value of [`LoadConfig::phase`] when the request was sent):
+    /// requests, failures and latency. Always at least one entry after a run.
+    pub phases: Vec<PhaseReport>,
+}
+
+/// What the requests of one phase did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PhaseReport {
+    /// Requests sent in this phase.
+    pub requests: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Their latency.
+    pub latency: Latency,
 }
 
 impl LoadReport {
@@ -131,10 +185,22 @@ impl LoadReport {
             .iter()
             .map(|s| json_string(s))
             .collect();
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{\"requests\":{},\"failures\":{},\"latency_us\":{}}}",
+                    p.requests,
+                    p.failures,
+                    p.latency.to_json()
+                )
+            })
+            .collect();
         format!(
             "{{\"requests\":{},\"failures\":{},\"connections\":{},\"elapsed_s\":{:.3},\
              \"throughput_rps\":{:.1},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p99.9\":{},\
-             \"max\":{}}},\"failure_samples\":[{}]}}",
+             \"max\":{}}},\"failure_samples\":[{}],\"phases\":[{}]}}",
             self.requests,
             self.failures,
             self.connections,
@@ -144,7 +210,8 @@ impl LoadReport {
             self.latency.p99_us,
             self.latency.p999_us,
             self.latency.max_us,
-            samples.join(",")
+            samples.join(","),
+            phases.join(",")
         )
     }
 }
@@ -165,6 +232,20 @@ impl fmt::Display for LoadReport {
             "latency µs  p50 {}  p99 {}  p99.9 {}  max {}",
             self.latency.p50_us, self.latency.p99_us, self.latency.p999_us, self.latency.max_us
         )?;
+        if self.phases.len() > 1 {
+            for (i, p) in self.phases.iter().enumerate() {
+                write!(
+                    f,
+                    "\n  phase {i}: {} requests, {} failed, µs p50 {}  p99 {}  p99.9 {}  max {}",
+                    p.requests,
+                    p.failures,
+                    p.latency.p50_us,
+                    p.latency.p99_us,
+                    p.latency.p999_us,
+                    p.latency.max_us
+                )?;
+            }
+        }
         for s in &self.failure_samples {
             write!(f, "\n  failure: {s}")?;
         }
@@ -218,26 +299,63 @@ pub fn run_until(cfg: LoadConfig, stop: &AtomicBool) -> LoadReport {
         elapsed,
         ..LoadReport::default()
     };
-    let mut all = Vec::with_capacity(results.iter().map(|r| r.latencies.len()).sum());
+    let phases = results
+        .iter()
+        .map(|r| r.latencies.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut by_phase: Vec<Vec<u64>> = vec![Vec::new(); phases];
+    let mut failures_by_phase = vec![0u64; phases];
     for r in results {
         report.requests += r.requests;
         report.failures += r.failures;
-        all.extend_from_slice(&r.latencies);
+        for (p, lat) in r.latencies.iter().enumerate() {
+            by_phase[p].extend_from_slice(lat);
+        }
+        for (p, f) in r.failures_by_phase.iter().enumerate() {
+            failures_by_phase[p] += f;
+        }
         for f in r.failure_samples {
             if report.failure_samples.len() < cfg.max_failure_samples {
                 report.failure_samples.push(f);
             }
         }
     }
+    let mut all: Vec<u64> = by_phase.iter().flatten().copied().collect();
     report.latency = Latency::from_samples(&mut all);
+    report.phases = by_phase
+        .into_iter()
+        .zip(failures_by_phase)
+        .map(|(mut lat, failures)| PhaseReport {
+            requests: lat.len() as u64,
+            failures,
+            latency: Latency::from_samples(&mut lat),
+        })
+        .collect();
     report
 }
 
 struct ConnResult {
     requests: u64,
     failures: u64,
-    latencies: Vec<u64>,
+    /// Per phase.
+    latencies: Vec<Vec<u64>>,
+    /// Per phase.
+    failures_by_phase: Vec<u64>,
     failure_samples: Vec<String>,
+}
+
+impl ConnResult {
+    /// Records one request of `phase`.
+    fn record(&mut self, phase: usize, us: u64) {
+        if self.latencies.len() <= phase {
+            self.latencies.resize_with(phase + 1, Vec::new);
+            self.failures_by_phase.resize(phase + 1, 0);
+        }
+        self.latencies[phase].push(us);
+        self.requests += 1;
+    }
 }
 
 /// splitmix64: small, fast, good enough to pick operations.
@@ -286,11 +404,18 @@ fn connection(cfg: &LoadConfig, index: usize, deadline: Instant, stop: &AtomicBo
     let mut res = ConnResult {
         requests: 0,
         failures: 0,
-        latencies: Vec::with_capacity(1 << 16),
+        latencies: vec![Vec::with_capacity(1 << 16)],
+        failures_by_phase: vec![0],
         failure_samples: Vec::new(),
     };
-    let fail = |res: &mut ConnResult, what: String| {
+    let current_phase = || cfg.phase.as_ref().map_or(0, |p| p.load(Ordering::Relaxed));
+    let fail = |res: &mut ConnResult, phase: usize, what: String| {
         res.failures += 1;
+        if res.failures_by_phase.len() <= phase {
+            res.latencies.resize_with(phase + 1, Vec::new);
+            res.failures_by_phase.resize(phase + 1, 0);
+        }
+        res.failures_by_phase[phase] += 1;
         if res.failure_samples.len() < cfg.max_failure_samples {
             res.failure_samples.push(what);
         }
@@ -325,9 +450,10 @@ fn connection(cfg: &LoadConfig, index: usize, deadline: Instant, stop: &AtomicBo
                     client.insert(c)
                 }
                 Err(e) => {
-                    res.requests += 1;
+                    let phase = current_phase();
+                    res.record(phase, 0);
                     sent += 1;
-                    fail(&mut res, format!("connect: {e}"));
+                    fail(&mut res, phase, format!("connect: {e}"));
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
@@ -360,32 +486,36 @@ fn connection(cfg: &LoadConfig, index: usize, deadline: Instant, stop: &AtomicBo
                 e.insert(());
                 match c.request_io(&format!("DEL {key}")) {
                     Ok(a) if a == "DELETED" || a == "NOT_FOUND" => {}
-                    Ok(a) => fail(&mut res, format!("DEL {key}: answered {a:?}")),
+                    Ok(a) => fail(
+                        &mut res,
+                        current_phase(),
+                        format!("DEL {key}: answered {a:?}"),
+                    ),
                     Err(e) => {
-                        fail(&mut res, format!("DEL {key}: {e}"));
+                        fail(&mut res, current_phase(), format!("DEL {key}: {e}"));
                         client = None;
                         continue;
                     }
                 }
             }
         }
+        let phase = current_phase();
         let t0 = Instant::now();
         let answer = c.request_io(&request);
         let us = t0.elapsed().as_micros() as u64;
-        res.latencies.push(us);
-        res.requests += 1;
+        res.record(phase, us);
         sent += 1;
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
-                fail(&mut res, format!("{request}: {e}"));
+                fail(&mut res, phase, format!("{request}: {e}"));
                 *slot = Known::Unknown;
                 client = None;
                 continue;
             }
         };
-        if let Err(why) = check(&expect, slot, &answer) {
-            fail(&mut res, format!("{request}: {why}"));
+        if let Err(why) = check(&expect, slot, &answer, cfg.incr_sign) {
+            fail(&mut res, phase, format!("{request}: {why}"));
         }
     }
     res
@@ -398,7 +528,7 @@ enum Expect {
 }
 
 /// Checks `answer` against the model and updates the model; Err describes a mismatch.
-fn check(expect: &Expect, slot: &mut Known, answer: &str) -> Result<(), String> {
+fn check(expect: &Expect, slot: &mut Known, answer: &str, sign: IncrSign) -> Result<(), String> {
     match expect {
         Expect::Set(v) => {
             if answer == "OK" {
@@ -433,10 +563,18 @@ fn check(expect: &Expect, slot: &mut Known, answer: &str) -> Result<(), String> 
         }
         Expect::Incr(amount) => {
             let got: Option<i64> = answer.strip_prefix("INT ").and_then(|n| n.parse().ok());
-            let want = match slot {
-                Known::Absent => Some(*amount),
-                Known::Int(n) => n.checked_add(*amount),
+            let base = match slot {
+                Known::Absent => Some(0i64),
+                Known::Int(n) => Some(*n),
                 Known::Value(_) | Known::Unknown => None,
+            };
+            let applied = base.and_then(|b| b.checked_add(*amount));
+            let ignored = base.and_then(|b| b.checked_add(amount.checked_abs()?));
+            let want = match sign {
+                IncrSign::Applied => applied,
+                IncrSign::Ignored => ignored,
+                IncrSign::Either if got.is_some() && got == ignored => ignored,
+                IncrSign::Either => applied,
             };
             match (got, want) {
                 (Some(g), Some(w)) if g == w => {
@@ -464,6 +602,38 @@ fn check(expect: &Expect, slot: &mut Known, answer: &str) -> Result<(), String> 
 mod unit {
     use super::*;
 
+    fn check_applied(e: &Expect, slot: &mut Known, answer: &str) -> Result<(), String> {
+        check(e, slot, answer, IncrSign::Applied)
+    }
+
+    #[test]
+    fn incr_sign_models() {
+        let mut n = Known::Int(10);
+        assert!(check(&Expect::Incr(-3), &mut n, "INT 13", IncrSign::Ignored).is_ok());
+        assert!(check(&Expect::Incr(-3), &mut n, "INT 10", IncrSign::Ignored).is_err());
+        let mut n = Known::Int(10);
+        assert!(check(&Expect::Incr(-3), &mut n, "INT 7", IncrSign::Either).is_ok());
+        assert!(check(&Expect::Incr(-3), &mut n, "INT 10", IncrSign::Either).is_ok());
+        assert!(check(&Expect::Incr(-3), &mut n, "INT 9", IncrSign::Either).is_err());
+        assert!(check(&Expect::Incr(2), &mut n, "INT 11", IncrSign::Either).is_ok());
+    }
+
+    #[test]
+    fn phases_split_requests() {
+        let mut r = ConnResult {
+            requests: 0,
+            failures: 0,
+            latencies: vec![Vec::new()],
+            failures_by_phase: vec![0],
+            failure_samples: Vec::new(),
+        };
+        r.record(0, 5);
+        r.record(2, 7);
+        assert_eq!(r.latencies, vec![vec![5], vec![], vec![7]]);
+        assert_eq!(r.failures_by_phase, vec![0, 0, 0]);
+        assert_eq!(r.requests, 2);
+    }
+
     #[test]
     fn percentiles_nearest_rank() {
         let mut v: Vec<u64> = (1..=1000).rev().collect();
@@ -484,15 +654,15 @@ mod unit {
     #[test]
     fn model_catches_wrong_answers() {
         let mut slot = Known::Absent;
-        assert!(check(&Expect::Get, &mut slot, "NOT_FOUND").is_ok());
-        assert!(check(&Expect::Set("a b".into()), &mut slot, "OK").is_ok());
-        assert!(check(&Expect::Get, &mut slot, "VALUE a b").is_ok());
-        assert!(check(&Expect::Get, &mut slot, "VALUE a").is_err());
-        assert!(check(&Expect::Get, &mut slot, "ERR invariant").is_err());
+        assert!(check_applied(&Expect::Get, &mut slot, "NOT_FOUND").is_ok());
+        assert!(check_applied(&Expect::Set("a b".into()), &mut slot, "OK").is_ok());
+        assert!(check_applied(&Expect::Get, &mut slot, "VALUE a b").is_ok());
+        assert!(check_applied(&Expect::Get, &mut slot, "VALUE a").is_err());
+        assert!(check_applied(&Expect::Get, &mut slot, "ERR invariant").is_err());
         let mut n = Known::Absent;
-        assert!(check(&Expect::Incr(5), &mut n, "INT 5").is_ok());
+        assert!(check_applied(&Expect::Incr(5), &mut n, "INT 5").is_ok());
         assert!(
-            check(&Expect::Incr(-7), &mut n, "INT 12").is_err(),
+            check_applied(&Expect::Incr(-7), &mut n, "INT 12").is_err(),
             "the planted bug"
         );
         assert_eq!(
@@ -500,10 +670,10 @@ mod unit {
             Known::Int(12),
             "the model follows the server after a mismatch"
         );
-        assert!(check(&Expect::Incr(1), &mut n, "INT 13").is_ok());
+        assert!(check_applied(&Expect::Incr(1), &mut n, "INT 13").is_ok());
         let mut u = Known::Unknown;
-        assert!(check(&Expect::Incr(1), &mut u, "INT 40").is_ok());
-        assert!(check(&Expect::Set("x".into()), &mut u, "ERR invariant").is_err());
+        assert!(check_applied(&Expect::Incr(1), &mut u, "INT 40").is_ok());
+        assert!(check_applied(&Expect::Set("x".into()), &mut u, "ERR invariant").is_err());
     }
 
     #[test]

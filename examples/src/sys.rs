@@ -1,5 +1,6 @@
 //! The few system calls the helpers need that std does not wrap: sending a signal to a
-//! process or to one thread, and the run-time value of `SIGRTMIN`.
+//! process or to one thread, the run-time value of `SIGRTMIN`, and a stop-flag handler for
+//! `SIGINT`/`SIGTERM`.
 //!
 //! These are public so that tests which interrupt the demo server (signal storms, the
 //! end-to-end tests' EINTR checks) share one implementation.
@@ -7,6 +8,7 @@
 //! # Safety
 //! Each wrapper calls one libc function with plain integer arguments; none takes or returns
 //! memory, so each is sound for any argument values (the kernel validates them).
+//! [`stop_flag_on`] installs a handler that does one atomic store (async-signal-safe).
 
 use std::io;
 
@@ -43,4 +45,30 @@ pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_sig: libc::c_int) {
+    // async-signal-safe: one atomic store
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Installs a handler for each of `signals` (e.g. `SIGINT`, `SIGTERM`) that only sets the
+/// returned flag, with `SA_RESTART`, so a program can finish its work and report instead of
+/// dying (`kvload` stops its load and prints the report).
+pub fn stop_flag_on(signals: &[i32]) -> io::Result<&'static std::sync::atomic::AtomicBool> {
+    for &sig in signals {
+        // SAFETY: a zeroed sigaction is a valid value (empty mask, no flags) to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa` is a valid sigaction whose handler only performs an atomic store
+        // (async-signal-safe); the old action is not asked for.
+        let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(&STOP)
 }

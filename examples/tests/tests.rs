@@ -3,6 +3,7 @@
 
 mod commands;
 mod load;
+mod patching;
 mod sanitize;
 mod signals;
 mod stress;

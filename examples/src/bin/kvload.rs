@@ -2,19 +2,20 @@
 //!
 //! ```text
 //! kvload --port P [--connections C] [--duration S] [--rate R] [--json]
-//!        [--keys K] [--value-len N] [--negative-incr]
+//!        [--keys K] [--value-len N] [--negative-incr] [--incr-sign applied|ignored|either]
 //! ```
-//! Prints requests, failures and latency percentiles (µs). Exit codes: 0 all requests
-//! answered correctly, 1 some failed, 2 bad arguments.
+//! Prints requests, failures and latency percentiles (µs). SIGINT or SIGTERM stops the load
+//! early; the report is printed all the same. Exit codes: 0 all requests answered correctly,
+//! 1 some failed, 2 bad arguments.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kgpatch_examples::load::{self, LoadConfig};
+use kgpatch_examples::load::{self, IncrSign, LoadConfig};
 
 const USAGE: &str = "usage: kvload --port P [--connections C] [--duration S] [--rate R] [--json]
-              [--keys K] [--value-len N] [--negative-incr]
+              [--keys K] [--value-len N] [--negative-incr] [--incr-sign S]
   --port P          the demo server's port on 127.0.0.1 (required)
   --connections C   concurrent connections, one thread each (default 4)
   --duration S      seconds to run, fractions allowed (default 5)
@@ -22,7 +23,10 @@ const USAGE: &str = "usage: kvload --port P [--connections C] [--duration S] [--
   --keys K          keys per connection (default 64)
   --value-len N     longest value in bytes (default 64)
   --negative-incr   also send negative INCR amounts (fails on the unpatched server)
+  --incr-sign S     what INCR k -n must do: applied (subtract; default), ignored (add: the
+                    planted bug), either (a server being patched: each answer one or the other)
   --json            print one JSON object instead of the table
+SIGINT/SIGTERM stop the load early and print the report.
 exit status: 0 no failure, 1 some request failed, 2 bad arguments";
 
 fn parse<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
@@ -58,6 +62,18 @@ fn main() -> ExitCode {
                 "--keys" => cfg.keys_per_connection = parse(&a, args.next())?,
                 "--value-len" => cfg.max_value_len = parse(&a, args.next())?,
                 "--negative-incr" => cfg.negative_incr = true,
+                "--incr-sign" => {
+                    cfg.incr_sign = match args.next().as_deref() {
+                        Some("applied") => IncrSign::Applied,
+                        Some("ignored") => IncrSign::Ignored,
+                        Some("either") => IncrSign::Either,
+                        other => {
+                            return Err(format!(
+                                "--incr-sign wants applied, ignored or either, not {other:?}"
+                            ))
+                        }
+                    }
+                }
                 "--json" => json = true,
                 "--help" | "-h" => {
                     println!("{USAGE}");
@@ -90,7 +106,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     cfg.addr.set_port(port);
-    let report = load::run(cfg);
+    let stop = match kgpatch_examples::sys::stop_flag_on(&[libc::SIGINT, libc::SIGTERM]) {
+        Ok(flag) => flag,
+        Err(e) => {
+            eprintln!("kvload: cannot install the SIGINT/SIGTERM handler: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let report = load::run_until(cfg, stop);
     if json {
         println!("{}", report.to_json());
     } else {

@@ -2,21 +2,25 @@
 //! `kgpatch apply <pid>` can target it).
 //!
 //! ```text
-//! kvserver [--variant fp|nofp] [--print-path] [server options...]
+//! kvserver [--variant fp|nofp] [--print-path] [--print-patch NAME] [server options...]
 //! ```
 //! `--variant` picks the build (default `fp`, frame pointers; `nofp` is Debian-style);
-//! `--print-path` prints the executable's path and exits; every other argument goes to the
+//! `--print-path` prints the executable's path and exits; `--print-patch NAME` prints the
+//! path of the sample patch module `NAME` built for that variant (`fix-incr`, `codec-v2`,
+//! `codec-pair-only`, `slow-path`, `wrong-target`, `missing-library`) and exits; every
+//! other argument goes to the
 //! server (`--port P`, `--workers N`, `--transcode-pause-us US`,
 //! `--install-noop-handler SIGNO[:norestart]`).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
-use kgpatch_examples::{server_path, Variant};
+use kgpatch_examples::{patch_path, server_path, Patch, Variant};
 
 fn main() -> ExitCode {
     let mut variant = Variant::FramePointers;
     let mut print = false;
+    let mut print_patch = None;
     let mut rest = Vec::new();
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
@@ -30,8 +34,25 @@ fn main() -> ExitCode {
                 }
             },
             Some("--print-path") => print = true,
+            Some("--print-patch") => match args.next().as_ref().and_then(|v| v.to_str()) {
+                Some(name) if Patch::from_name(name).is_some() => {
+                    print_patch = Patch::from_name(name)
+                }
+                other => {
+                    let names: Vec<&str> = Patch::ALL.iter().map(|p| p.name()).collect();
+                    eprintln!(
+                        "kvserver: --print-patch wants one of {}, not {other:?}",
+                        names.join(", ")
+                    );
+                    return ExitCode::from(2);
+                }
+            },
             _ => rest.push(a),
         }
+    }
+    if let Some(p) = print_patch {
+        println!("{}", patch_path(p, variant).display());
+        return ExitCode::SUCCESS;
     }
     let path = server_path(variant);
     if print {
