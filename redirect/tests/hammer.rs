@@ -18,12 +18,19 @@ use crate::common::{asm_lib_copy, patcher};
 /// twice (install, remove) and every fourth round four more times (fast path on and off).
 /// 10,000 in release builds; 1,000 in debug builds, where the suite must stay short (on
 /// two shared cores a round costs ~20 ms: the sweep waits for four spinning threads to be
-/// scheduled).
+/// scheduled). `KGPATCH_HAMMER_ROUNDS` overrides it.
 const ROUNDS: usize = if cfg!(debug_assertions) {
     1_000
 } else {
     10_000
 };
+
+fn rounds() -> usize {
+    std::env::var("KGPATCH_HAMMER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS)
+}
 const THREADS: usize = 4;
 const T: u64 = 5;
 
@@ -83,7 +90,8 @@ fn hammer(tag: &str, name: &str) {
 
     let started = Instant::now();
     let mut rewrites = 0u64;
-    for round in 0..ROUNDS {
+    let rounds = rounds();
+    for round in 0..rounds {
         let site = p.install(&analysis).unwrap();
         let s = site.site();
         s.begin(T, Version(v2));
@@ -113,7 +121,7 @@ fn hammer(tag: &str, name: &str) {
     let calls_after = calls(0);
     let stats = p.stats();
     eprintln!(
-        "hammer {name}: {ROUNDS} rounds, {rewrites} text rewrites in {elapsed:?}; {total} calls; \
+        "hammer {name}: {rounds} rounds, {rewrites} text rewrites in {elapsed:?}; {total} calls; \
          per thread (calls, new, word, strictly checked) {results:?}; moved so far {}, traps sent on {}, late traps {}",
         stats.moved, stats.traps_sent_on, stats.traps_reexecuted
     );
