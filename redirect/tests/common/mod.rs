@@ -55,10 +55,24 @@ impl Lib {
 }
 
 fn out_dir() -> PathBuf {
-    let dir = option_env!("CARGO_TARGET_TMPDIR")
+    let base = option_env!("CARGO_TARGET_TMPDIR")
         .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("kgpatch-redirect-fixtures-{}", std::process::id()));
+        .unwrap_or_else(std::env::temp_dir);
+    // Fixtures of earlier runs whose process is gone.
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("kgpatch-redirect-fixtures-"));
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    let dir = base.join(format!("kgpatch-redirect-fixtures-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
