@@ -84,6 +84,15 @@ impl SiteAnalysis {
             .map(|i| i.ip() - self.patch_point)
             .collect()
     }
+    /// The overwritten instructions as (address, Intel-syntax text), for `describe`-style
+    /// output.
+    pub fn overwritten_disassembly(&self) -> Vec<(u64, String)> {
+        self.instructions
+            .iter()
+            .map(|i| (i.ip(), text(i)))
+            .collect()
+    }
+
     /// Addresses a trampoline for this site must reach with 32-bit displacements.
     pub fn reach(&self) -> &[u64] {
         &self.reach
@@ -247,6 +256,12 @@ mod tests {
         assert_eq!(a.instruction_offsets(), vec![0, 1, 2, 4]);
         assert_eq!(a.original_bytes(), &code[..6]);
         assert_eq!(a.jump_len(), 5);
+        let text: Vec<String> = a
+            .overwritten_disassembly()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(text, ["push rbp", "push rbx", "push r12", "mov eax,edi"]);
     }
 
     #[test]
