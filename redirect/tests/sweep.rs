@@ -175,3 +175,77 @@ fn an_unreachable_thread_rolls_the_install_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Kernels without membarrier `SYNC_CORE`: the signal-sweep fallback serialises cores. Two
+/// threads call the function while its site is installed, switched and removed. In a child
+/// process, which needs its own patcher.
+#[test]
+fn the_sweep_fallback_serialises_cores() {
+    if std::env::var_os("KGPATCH_FALLBACK_CHILD").is_some() {
+        let p = kgpatch_redirect::Patcher::new(kgpatch_redirect::PatcherConfig {
+            force_sweep_sync: true,
+            sweep_timeout: Duration::from_secs(20),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.sync_method(), kgpatch_redirect::SyncMethod::Sweep);
+        let lib = crate::common::asm_lib_copy("_fallback");
+        let (entry, size) = lib.func("asm_multi");
+        let (v2, _) = lib.func("asm_multi_v2");
+        let f = lib.f1("asm_multi");
+        let stop = Arc::new(AtomicBool::new(false));
+        let wrong = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, wrong) = (stop.clone(), wrong.clone());
+                std::thread::spawn(move || {
+                    let mut x = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = f(x);
+                        if r != x + 1 && r != x + 1000 {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                        }
+                        x += 1;
+                    }
+                })
+            })
+            .collect();
+        let before = crate::common::bytes(entry, size);
+        let a = p
+            .analyze(entry, size, kgpatch_redirect::PadHint::Auto)
+            .unwrap();
+        for _ in 0..50 {
+            let site = p.install(&a).unwrap();
+            site.site().begin(1, kgpatch_universe::Version(v2));
+            site.site().settle();
+            p.set_fast_path(entry, Some(kgpatch_universe::Version(v2)))
+                .unwrap();
+            p.set_fast_path(entry, None).unwrap();
+            site.site().begin(2, site.original());
+            site.site().settle();
+            p.remove(entry).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert_eq!(wrong.load(Ordering::Relaxed), 0);
+        assert_eq!(crate::common::bytes(entry, size), before);
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sweep::the_sweep_fallback_serialises_cores",
+            "--nocapture",
+        ])
+        .env("KGPATCH_FALLBACK_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -28,6 +28,9 @@ pub struct PatcherConfig {
     pub sweep_signal: libc::c_int,
     /// How long a sweep waits for every thread.
     pub sweep_timeout: Duration,
+    /// Serialise cores with a signal sweep even where membarrier `SYNC_CORE` exists (the
+    /// fallback for kernels without it; for tests).
+    pub force_sweep_sync: bool,
 }
 
 impl Default for PatcherConfig {
@@ -35,6 +38,7 @@ impl Default for PatcherConfig {
         PatcherConfig {
             sweep_signal: libc::SIGRTMAX() - 8,
             sweep_timeout: Duration::from_secs(2),
+            force_sweep_sync: false,
         }
     }
 }
@@ -193,7 +197,7 @@ impl Patcher {
         let sweep = Sweep::new(config.sweep_signal)?;
         trap::install()?;
         let probe = tls::offset_in_this_thread as *const () as u64;
-        let writer = CodeWriter::new(sweep, config.sweep_timeout, probe)?;
+        let writer = CodeWriter::new(sweep, config.sweep_timeout, probe, config.force_sweep_sync)?;
         Ok(Patcher {
             config,
             tls_offset,

@@ -44,8 +44,13 @@ fn membarrier(cmd: libc::c_int) -> libc::c_long {
 
 impl CodeWriter {
     /// Opens /proc/self/mem, checks that it accepts writes to code, and registers for
-    /// membarrier core serialisation where the kernel offers it.
-    pub fn new(sweep: Sweep, timeout: Duration, probe: u64) -> Result<CodeWriter> {
+    /// membarrier core serialisation where the kernel offers it (unless `force_sweep`).
+    pub fn new(
+        sweep: Sweep,
+        timeout: Duration,
+        probe: u64,
+        force_sweep: bool,
+    ) -> Result<CodeWriter> {
         let mem = File::options()
             .read(true)
             .write(true)
@@ -63,7 +68,8 @@ impl CodeWriter {
         mem.write_all_at(&byte, probe)
             .map_err(|source| Error::ProcMemRefused { source })?;
         let supported = membarrier(MEMBARRIER_CMD_QUERY);
-        let method = if supported > 0
+        let method = if !force_sweep
+            && supported > 0
             && supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE as libc::c_long != 0
             && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0
         {
