@@ -140,6 +140,12 @@ pub enum Error {
         /// The signal number.
         signal: i32,
     },
+    /// The configured signal number is not a valid signal.
+    #[error("{signal} is not a signal number kgpatch can use; configure a real-time signal (SIGRTMIN..=SIGRTMAX)")]
+    BadSignal {
+        /// The number given.
+        signal: i32,
+    },
     /// Only one patcher may exist in a process.
     #[error("a kgpatch patcher already exists in this process; use that one")]
     AlreadyExists,

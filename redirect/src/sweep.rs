@@ -45,7 +45,7 @@ static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
 static DONE_EVENTS: AtomicU32 = AtomicU32::new(0);
 static RUN_LOCK: Mutex<()> = Mutex::new(());
 /// Bit `n` set: kgpatch's handler is installed for signal `n`.
-static INSTALLED: Mutex<u64> = Mutex::new(0);
+static INSTALLED: Mutex<u128> = Mutex::new(0);
 
 /// How a sweep ended, thread by thread (thread ids as the kernel knows them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,8 +77,8 @@ impl Sweep {
     /// Installs kgpatch's handler for `signal` (once per signal; `SA_RESTART`, so most
     /// interrupted system calls restart). Fails if the program already has a handler there.
     pub fn new(signal: libc::c_int) -> Result<Sweep> {
-        if !(1..64).contains(&signal) {
-            return Err(Error::SignalInUse { signal });
+        if !(1..=64).contains(&signal) || signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            return Err(Error::BadSignal { signal });
         }
         let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
         if *installed & (1 << signal) == 0 {

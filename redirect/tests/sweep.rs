@@ -12,6 +12,12 @@ use crate::common::patcher;
 fn every_thread_runs_the_action_and_blocked_ones_are_reported() {
     let sweep: Sweep = *patcher().sweep();
     assert!(sweep.intact() && patcher().handlers_intact());
+    for bad in [0, libc::SIGKILL, 65] {
+        assert!(matches!(
+            Sweep::new(bad),
+            Err(kgpatch_redirect::Error::BadSignal { .. })
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let mut threads = Vec::new();
