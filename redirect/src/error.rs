@@ -55,7 +55,7 @@ pub enum Refusal {
     },
     /// The entry already holds a jump or a breakpoint that kgpatch did not put there.
     #[error(
-        "the entry of the function at {entry:#x} already holds `{text}`, which kgpatch did not write (another patcher or a debugger?): remove it first"
+        "the entry of the function at {entry:#x} already holds `{text}`, which kgpatch did not write: remove the other tool's patch or breakpoint first, or, if the function is a jump thunk, patch its target"
     )]
     ForeignPatch {
         /// Entry of the function.
