@@ -215,6 +215,9 @@ fn codec_v2_cycles(variant: Variant) {
     let bg = Background::start(&srv, 4, IncrSign::Applied);
     let before = srv.stats().unwrap();
     assert_eq!(before.get("codec"), Some("1"));
+    // phase 0: no patching, for the latency baseline of the same run
+    std::thread::sleep(Duration::from_millis(500));
+    bg.next_phase();
     // one cycle by hand: the new format is live in between
     must(srv.apply(Patch::CodecV2, &[]).unwrap());
     assert_eq!(srv.stats().unwrap().get("codec"), Some("2"));
@@ -224,9 +227,11 @@ fn codec_v2_cycles(variant: Variant) {
     let times = cycles(&srv, Patch::CodecV2, 100);
     let wall = t0.elapsed();
     let report = bg.finish();
+    assert_eq!(report.phases.len(), 2, "{report}");
     let stats = srv.stats().unwrap();
     println!(
-        "codec-v2 x100 on {} (pause {PAUSE_US} µs): {} in {wall:?}\n{report}\nviolations={}",
+        "codec-v2 x100 on {} (pause {PAUSE_US} µs): {} in {wall:?}\n{report}\n\
+         (phase 0: no patching; phase 1: apply/revert cycles) violations={}",
         variant.name(),
         summary(times),
         stats.violations()
@@ -641,7 +646,7 @@ fn sample_modules_carry_their_names_and_targets() {
             assert_eq!(m.target.build_id, id, "{}", path.display());
         }
     }
-    let codec = kgpatch_kmod::inspect(&patch_path(Patch::CodecV2, Variant::FramePointers)).unwrap();
+    let codec = kgpatch_kmod::inspect(patch_path(Patch::CodecV2, Variant::FramePointers)).unwrap();
     let mut replaced: Vec<&str> = codec
         .functions
         .iter()
