@@ -66,12 +66,17 @@ fn rip_rel(target: u64) -> MemoryOperand {
 /// The redirect stub at `at` for the site words at `site`:
 ///
 /// ```text
-/// mov r11, fs:[tls_offset]      ; the thread's universe word
-/// cmp r11, [rip+migrated_value]
-/// je 1f
-/// jmp [rip+from]                ; falls through: steady sites and unmigrated threads
-/// 1: jmp [rip+to]
+/// mov   r11, fs:[tls_offset]     ; the thread's universe word
+/// cmp   r11, [rip+migrated_value]
+/// mov   r11, [rip+from]
+/// cmove r11, [rip+to]
+/// jmp   r11
 /// ```
+///
+/// Branch-free up to one indirect jump, so threads in `from` and in `to` pay the same. r11
+/// is free at a function's entry in the SysV ABI (neither an argument nor callee-saved).
+/// The loads happen in `select`'s order (x86 keeps loads in order): `migrated_value`, then
+/// the version words.
 ///
 /// The `fs:[disp32]` operand uses `displ_size = 8`: with 4, iced-x86 would emit a 0x67
 /// prefix and a zero-extended displacement, and a negative TLS offset would fault.
@@ -85,9 +90,6 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
         false,
         Register::FS,
     );
-    let mut jmp_to = Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::TO as u64))?;
-    // Any address will do as a label, as long as it is unique in the block.
-    jmp_to.set_ip(1);
     let block = [
         Instruction::with2(Code::Mov_r64_rm64, Register::R11, fs)?,
         Instruction::with2(
@@ -95,9 +97,17 @@ pub fn stub(at: u64, site: u64, tls_offset: i32) -> Result<Vec<u8>, IcedError> {
             Register::R11,
             rip_rel(site + site_offsets::MIGRATED_VALUE as u64),
         )?,
-        Instruction::with_branch(Code::Je_rel8_64, 1)?,
-        Instruction::with1(Code::Jmp_rm64, rip_rel(site + site_offsets::FROM as u64))?,
-        jmp_to,
+        Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::R11,
+            rip_rel(site + site_offsets::FROM as u64),
+        )?,
+        Instruction::with2(
+            Code::Cmove_r64_rm64,
+            Register::R11,
+            rip_rel(site + site_offsets::TO as u64),
+        )?,
+        Instruction::with1(Code::Jmp_rm64, Register::R11)?,
     ];
     Ok(BlockEncoder::encode(
         64,
@@ -168,9 +178,9 @@ mod tests {
             vec![
                 "mov r11,fs:[0xFFFFFFFFFFFFFFC0]".to_string(),
                 format!("cmp r11,[{:#X}]", site),
-                format!("je short {:#X}", at + 9 + 7 + 2 + 6),
-                format!("jmp qword ptr [{:#X}]", site + 8),
-                format!("jmp qword ptr [{:#X}]", site + 16),
+                format!("mov r11,[{:#X}]", site + 8),
+                format!("cmove r11,[{:#X}]", site + 16),
+                "jmp r11".to_string(),
             ]
         );
     }

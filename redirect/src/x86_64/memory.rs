@@ -6,7 +6,7 @@
 //! once, and no protection is ever added, so it works under `MemoryDenyWriteExecute` and
 //! `PR_SET_MDWE`. Regions are never unmapped; their slots are reused.
 //!
-//! Each slot has 128 bytes of code (stub at 0, fast-path thunk at 32, trampoline at 48) and
+//! Each slot has 128 bytes of code (stub at 0, fast-path thunk at 40, trampoline at 48) and
 //! 32 bytes of data (the [`kgpatch_universe::Site`] words, then the thunk's target).
 //!
 //! # Safety
@@ -22,7 +22,7 @@ pub const CODE_SLOT: u64 = 128;
 /// Offset of the stub in a code slot.
 pub const STUB: u64 = 0;
 /// Offset of the fast-path thunk.
-pub const THUNK: u64 = 32;
+pub const THUNK: u64 = 40;
 /// Offset of the trampoline.
 pub const TRAMPOLINE: u64 = 48;
 /// Bytes of data per slot.
