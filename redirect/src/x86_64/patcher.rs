@@ -296,7 +296,7 @@ impl Patcher {
         reach.extend(a.pad_jump);
         let slot = inner.pool.alloc(&reach)?;
         let built = self.build(a, &slot);
-        let (tramp, stub) = match built {
+        let (tramp, stub, thunk) = match built {
             Ok(b) => b,
             Err(e) => {
                 inner.pool.free(&slot);
@@ -308,12 +308,6 @@ impl Patcher {
         inner
             .pool
             .write_code(&slot, memory::TRAMPOLINE, &tramp.code);
-        let thunk =
-            encode::jmp_through(slot.code + memory::THUNK, slot.data + memory::THUNK_TARGET)
-                .map_err(|e| Error::Encode {
-                    entry,
-                    message: e.to_string(),
-                })?;
         inner.pool.write_code(&slot, memory::THUNK, &thunk);
         let site = init_site(&slot, Version(tramp_addr));
         let stub_addr = slot.code + memory::STUB;
@@ -336,9 +330,15 @@ impl Patcher {
                 steps: unwind::trampoline_steps(&a.instructions, &offsets),
             },
         ]);
-        trap::register(p, stub_addr)?;
-        if let Some(j) = a.pad_jump {
-            trap::register(j, stub_addr)?;
+        let registered = trap::register(p, stub_addr).and_then(|()| match a.pad_jump {
+            Some(j) => trap::register(j, stub_addr),
+            None => Ok(()),
+        });
+        if let Err(e) = registered {
+            // Nothing points at the slot yet: it can be reused at once.
+            drop(unwind);
+            inner.pool.free(&slot);
+            return Err(e);
         }
         let handle = SiteHandle {
             entry,
@@ -376,7 +376,11 @@ impl Patcher {
         }
     }
 
-    fn build(&self, a: &SiteAnalysis, slot: &Slot) -> Result<(encode::Trampoline, Vec<u8>)> {
+    fn build(
+        &self,
+        a: &SiteAnalysis,
+        slot: &Slot,
+    ) -> Result<(encode::Trampoline, Vec<u8>, Vec<u8>)> {
         let entry = a.entry;
         let p = a.patch_point;
         let tramp_addr = slot.code + memory::TRAMPOLINE;
@@ -415,7 +419,13 @@ impl Patcher {
                 message: format!("stub of {} bytes does not fit its slot", stub.len()),
             });
         }
-        Ok((tramp, stub))
+        let thunk =
+            encode::jmp_through(slot.code + memory::THUNK, slot.data + memory::THUNK_TARGET)
+                .map_err(|e| Error::Encode {
+                    entry,
+                    message: e.to_string(),
+                })?;
+        Ok((tramp, stub, thunk))
     }
 
     /// Writes the jump(s) of a fresh site, moving threads out of the overwritten bytes.
