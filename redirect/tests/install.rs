@@ -5,7 +5,9 @@ use iced_x86::{Decoder, DecoderOptions};
 use kgpatch_redirect::{Error, PadHint, Refusal};
 use kgpatch_universe::{word::migrated_value, Version};
 
-use crate::common::{asm_lib, bytes, c_lib, in_universe, patcher, Lib, C_VARIANTS};
+use crate::common::{
+    asm_lib, asm_lib_copy, bytes, c_lib, c_lib_copy, in_universe, patcher, Lib, C_VARIANTS,
+};
 
 /// Installs a site on `name`, checks that two threads with different universe words get
 /// the old and the new result, that the fast path works, and that removing the site
@@ -87,7 +89,8 @@ fn every_c_variant_round_trips() {
 
 #[test]
 fn rip_relative_first_instruction_is_relocated() {
-    let lib = c_lib("o2");
+    // Its own copy: `every_c_variant_round_trips` patches the same function of "o2".
+    let lib = c_lib_copy("o2", "_rip");
     let (entry, size) = lib.func("fx_rip");
     let code = bytes(entry, size);
     let first = Decoder::with_ip(64, &code, entry, DecoderOptions::NONE).decode();
@@ -169,7 +172,8 @@ fn refusals_say_why() {
         "{err}"
     );
 
-    let (entry, size) = asm_lib().func("asm_multi");
+    // Its own copy: `several_instructions_and_pads_round_trip` installs on asm_multi.
+    let (entry, size) = asm_lib_copy("_refusals").func("asm_multi");
     let err = p.analyze(entry, size, PadHint::Required).unwrap_err();
     assert!(
         matches!(err, Error::Refused(Refusal::NoPad { .. })),

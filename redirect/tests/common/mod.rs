@@ -153,12 +153,23 @@ pub const C_VARIANTS: &[(&str, &[&str])] = &[
 
 /// One C variant.
 pub fn c_lib(variant: &str) -> &'static Lib {
+    c_lib_copy(variant, "")
+}
+
+/// A separate copy of a C variant, for a test that patches a function another test also
+/// patches (tests run in parallel).
+pub fn c_lib_copy(variant: &str, tag: &str) -> &'static Lib {
     let flags = C_VARIANTS
         .iter()
         .find(|(n, _)| *n == variant)
         .map(|(_, f)| *f)
         .unwrap();
-    load(&format!("fix_{variant}"), "gcc", &["fixtures.c"], flags)
+    load(
+        &format!("fix_{variant}{tag}"),
+        "gcc",
+        &["fixtures.c"],
+        flags,
+    )
 }
 
 /// The hand-written assembly fixtures.
