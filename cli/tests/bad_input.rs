@@ -8,7 +8,7 @@ use std::time::Duration;
 use kgpatch_agent::protocol::Status;
 
 use crate::harness::*;
-use crate::parked::{parked_patch, parked_tid, wait_blocked_in_parked_fn};
+use crate::parked::{parked_patch, parked_tid, wait_busy};
 
 /// The functions whose code a case could change, and their live bytes.
 struct Snapshot(Vec<(String, Vec<u8>)>);
@@ -318,7 +318,7 @@ fn bad_input_is_refused_and_target_untouched() {
         "--no-wait",
     ])
     .expect_code(0);
-    wait_blocked_in_parked_fn(&t, tid);
+    wait_busy(&t, tid);
     let during = snapshot(&t, &fns);
     let tr_before = t.status().transition.unwrap();
     let out = t.apply(&good_b, "5s");

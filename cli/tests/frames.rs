@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::parked::{background, parked_patch, parked_tid, wait_blocked_in_parked_fn};
+use crate::parked::{background, parked_patch, parked_tid, wait_blocked_in_parked_fn, wait_busy};
 
 fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     let dir = TempDir::new(name);
@@ -14,10 +14,8 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     let file = std::fs::read(&exe).unwrap();
     // PIE: link-time addresses of .text equal file offsets for gcc's default layout.
     let body = &file[sym.address as usize..(sym.address + sym.size) as usize];
-    let has_fp = body
-        .windows(4)
-        .take(8)
-        .any(|w| w == [0x55, 0x48, 0x89, 0xe5]);
+    // `push rbp` first and `mov rbp, rsp` (48 89 e5) among the next few instructions.
+    let has_fp = body[0] == 0x55 && body[..16].windows(3).any(|w| w == [0x48, 0x89, 0xe5]);
     assert_eq!(
         has_fp,
         frame_pointer,
@@ -44,7 +42,7 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
         &t,
         &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
     );
-    let depth = wait_blocked_in_parked_fn(&t, tid);
+    let (_, depth) = wait_busy(&t, tid);
     assert!(depth >= 2, "{name}: depth {depth}");
     std::thread::sleep(Duration::from_millis(200));
     assert!(

@@ -103,7 +103,7 @@ fn pair_with_common_caller_never_mixes() {
     let dir = TempDir::new("pair");
     let (exe, fix) = pair_setup(&dir, true);
     let mut t = Spawn::new(&exe, &dir.runtime_dir())
-        .args(["4", "2000"])
+        .args(["4", "300"])
         .start();
     let mut ms = Vec::new();
     for cycle in 0..100 {
@@ -136,7 +136,7 @@ fn pair_without_common_caller_mixes() {
     let dir = TempDir::new("pair-bad");
     let (exe, fix) = pair_setup(&dir, false);
     let mut t = Spawn::new(&exe, &dir.runtime_dir())
-        .args(["4", "2000"])
+        .args(["4", "300"])
         .start();
     let mut bad = 0;
     for _ in 0..30 {

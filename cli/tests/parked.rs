@@ -26,15 +26,16 @@ pub fn busy_blocker(s: &Status, tid: u32) -> Option<(String, u16)> {
     }
 }
 
-/// Builds the patch that replaces `parked_fn` (and `answer`) for target `exe`.
+/// Builds the patch that replaces `parked_fn` (and `answer`, `scale`) for target `exe`.
 pub fn parked_patch(dir: &TempDir, exe: &Path, name: &str) -> PathBuf {
     let fix = dir.join(&format!("{name}.so"));
     let mut defs = vec![
         format!("-DNAME=\"{name}\""),
         "-DPATCH_PARKED".into(),
         "-DPATCH_ANSWER".into(),
+        "-DPATCH_SCALE".into(),
     ];
-    defs.extend(sym_defines(exe, &["parked_fn", "answer"]));
+    defs.extend(sym_defines(exe, &["parked_fn", "answer", "scale"]));
     build_patch("fix.c", &fix, &defs);
     fix
 }
@@ -45,20 +46,27 @@ pub fn background(t: &Target, args: &[&str]) -> std::thread::JoinHandle<Out> {
     std::thread::spawn(move || run_limited(cmd, Duration::from_secs(60)))
 }
 
-/// Waits until `status` shows thread `tid` blocked inside `parked_fn`; returns the depth.
+/// Waits until `status` shows thread `tid` blocked inside a function; returns the function
+/// as named by `status` and the frame depth.
+#[track_caller]
+pub fn wait_busy(t: &Target, tid: u32) -> (String, u16) {
+    let s = t.status_until(Duration::from_secs(10), |s| busy_blocker(s, tid).is_some());
+    busy_blocker(&s, tid).unwrap()
+}
+
+/// `wait_busy`, and the function named must be `parked_fn`.
 #[track_caller]
 pub fn wait_blocked_in_parked_fn(t: &Target, tid: u32) -> u16 {
-    let s = t.status_until(Duration::from_secs(10), |s| busy_blocker(s, tid).is_some());
-    let (function, depth) = busy_blocker(&s, tid).unwrap();
+    let (function, depth) = wait_busy(t, tid);
     assert!(
         function.contains("parked_fn"),
-        "status names {function:?}, not parked_fn, as the blocker of thread {tid}: {s:#?}"
+        "status names {function:?}, not parked_fn, as the blocker of thread {tid}"
     );
     depth
 }
 
 /// Proves that a thread parked inside an old function blocks completion: `status --json`
-/// names `parked_fn` as the blocker of that tid; with `--timeout 1s` the transition is
+/// shows that tid blocked inside a function, two or more frames down; with `--timeout 1s` the transition is
 /// reversed (exit 4) and the process runs the old code; with `--keep-pending` the
 /// transition stays past its deadline and `kgpatch force` completes it; and a transition
 /// waiting on a parked thread completes (exit 0) once the thread leaves.
@@ -75,7 +83,7 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
     let apply = background(&t, &["apply", &pid, fix_s, "--timeout", "1s"]);
-    let depth = wait_blocked_in_parked_fn(&t, tid);
+    let (_, depth) = wait_busy(&t, tid);
     assert!(
         depth >= 2,
         "parked_fn is below park_wait and nanosleep, not at depth {depth}"
@@ -110,10 +118,7 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
         .as_ref()
         .expect("the transition is kept pending past its deadline");
     assert!(!tr.reversed && tr.remaining_ms == 0, "{s:#?}");
-    assert!(
-        busy_blocker(&s, tid).is_some_and(|(f, _)| f.contains("parked_fn")),
-        "{s:#?}"
-    );
+    assert!(busy_blocker(&s, tid).is_some(), "{s:#?}");
     t.kg(&["force", &pid]).expect(0, "WARNING");
     let s = t.status_until(Duration::from_secs(5), |s| s.transition.is_none());
     assert_eq!(
@@ -158,4 +163,37 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
         "parked: blocker depth {depth}; revert waited {:?} for the parked thread",
         out.elapsed
     );
+}
+
+/// Proves `status --json` names the function that blocks a thread, by its symbol, while a
+/// patch is being applied (`parked_fn`, the function the parked thread is inside) and
+/// while it is being reverted.
+#[test]
+fn status_names_the_blocking_function() {
+    let dir = TempDir::new("named");
+    let exe = build_target(&dir, "target", &[]);
+    let fix = parked_patch(&dir, &exe, "fix-named");
+    let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("2").start();
+    let pid = t.pid_arg();
+    t.send("park");
+    let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
+    let apply = background(
+        &t,
+        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+    );
+    let (function, _) = wait_busy(&t, tid);
+    t.send("unpark");
+    expect_completed(&apply.join().unwrap());
+    assert!(
+        function.contains("parked_fn"),
+        "while applying, status names {function:?}, not parked_fn, as the blocker of thread {tid}"
+    );
+    t.wait_line("UNPARKED", Duration::from_secs(5));
+    t.send("park");
+    let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
+    let revert = background(&t, &["revert", &pid, "fix-named", "--timeout", "30s"]);
+    let depth = wait_blocked_in_parked_fn(&t, tid);
+    assert!(depth >= 2, "{depth}");
+    t.send("unpark");
+    expect_completed(&revert.join().unwrap());
 }
