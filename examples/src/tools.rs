@@ -220,11 +220,23 @@ impl KgpatchRun {
         self.code == Some(exit::OK)
     }
 
-    /// The transition time `kgpatch apply`/`revert` reported ("... completed in N ms").
-    pub fn transition_ms(&self) -> Option<u64> {
-        let at = self.stdout.find(" in ")?;
-        let rest = &self.stdout[at + 4..];
-        rest.split(" ms").next()?.trim().parse().ok()
+    /// The transition time `kgpatch apply`/`revert` reported ("... completed in N ms", or
+    /// "reversed in N ms"), in milliseconds; µs and s units are converted.
+    pub fn transition_ms(&self) -> Option<f64> {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("transition ") && l.contains(" in "))?;
+        let rest = &line[line.find(" in ")? + 4..];
+        let mut words = rest.split_whitespace();
+        let n: f64 = words.next()?.parse().ok()?;
+        let unit = words.next()?.trim_end_matches(':');
+        match unit {
+            "ms" => Some(n),
+            "µs" | "us" => Some(n / 1000.0),
+            "s" => Some(n * 1000.0),
+            _ => None,
+        }
     }
 }
 
@@ -366,5 +378,29 @@ impl Deref for PatchableServer {
 impl DerefMut for PatchableServer {
     fn deref_mut(&mut self) -> &mut DemoServer {
         &mut self.server
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn run(stdout: &str) -> KgpatchRun {
+        KgpatchRun {
+            args: Vec::new(),
+            code: Some(0),
+            stdout: stdout.into(),
+            stderr: String::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn transition_time_from_the_outcome_line() {
+        let r = run("transition 3 (apply fix-incr) completed in 12 ms: patch fix-incr applied\n");
+        assert_eq!(r.transition_ms(), Some(12.0));
+        let r = run("x\ntransition 4 (revert a) reversed in 850 µs: the deadline passed\n");
+        assert_eq!(r.transition_ms(), Some(0.85));
+        assert_eq!(run("no transition here").transition_ms(), None);
     }
 }

@@ -84,7 +84,9 @@ fn rate_paces_the_load() {
     cfg.rate = Some(400.0);
     let report = load::run(cfg);
     assert_eq!(report.failures, 0, "{report}");
-    assert!((300..=420).contains(&report.requests), "{report}");
+    // the upper bound is the pacing; the lower one only says the load ran (a machine
+    // shared with heavy builds once gave 136 of the 400)
+    assert!((100..=420).contains(&report.requests), "{report}");
 }
 
 #[test]

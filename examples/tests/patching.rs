@@ -108,14 +108,14 @@ fn patch_names(srv: &PatchableServer) -> Vec<String> {
 }
 
 /// Median, p90 and max of transition times in ms.
-fn summary(mut ms: Vec<u64>) -> String {
+fn summary(mut ms: Vec<f64>) -> String {
     if ms.is_empty() {
         return "no transitions".into();
     }
-    ms.sort_unstable();
+    ms.sort_unstable_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
     format!(
-        "{} transitions: median {} ms, p90 {} ms, max {} ms",
+        "{} transitions: median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
         ms.len(),
         at(0.5),
         at(0.9),
@@ -124,7 +124,7 @@ fn summary(mut ms: Vec<u64>) -> String {
 }
 
 /// Applies and reverts `patch` `cycles` times; returns each transition's reported time.
-fn cycles(srv: &PatchableServer, patch: Patch, cycles: usize) -> Vec<u64> {
+fn cycles(srv: &PatchableServer, patch: Patch, cycles: usize) -> Vec<f64> {
     let mut times = Vec::with_capacity(2 * cycles);
     for i in 0..cycles {
         let a = srv.apply(patch, &["--timeout", "10s"]).unwrap();
