@@ -410,7 +410,7 @@ impl Driver {
             .map(|tr| {
                 tr.sites
                     .iter()
-                    .map(|m| self.function_name(m.site))
+                    .map(|m| function_name(self.modules.iter().chain(&applying), m.site))
                     .collect()
             })
             .unwrap_or_default();
@@ -435,15 +435,6 @@ impl Driver {
         let p = self.pending.as_mut().expect("just set");
         p.leaving_from = leaving_from;
         p.leaving_to = leaving_to;
-    }
-
-    fn function_name(&self, entry: u64) -> String {
-        self.modules
-            .iter()
-            .chain(self.pending.as_ref().and_then(|p| p.applying.as_ref()))
-            .flat_map(|m| m.functions.iter())
-            .find(|f| f.1 == entry)
-            .map_or_else(|| format!("{entry:#x}"), |f| f.0.clone())
     }
 
     /// Turns the transition in progress around.
@@ -697,6 +688,15 @@ impl Driver {
             unwind_index_bytes: self.index.as_ref().map_or(0, |i| i.heap_bytes() as u64),
         }
     }
+}
+
+/// The name of the function at `entry`, as the manifest of one of `modules` gives it.
+fn function_name<'a>(modules: impl IntoIterator<Item = &'a Module>, entry: u64) -> String {
+    modules
+        .into_iter()
+        .flat_map(|m| m.functions.iter())
+        .find(|f| f.1 == entry)
+        .map_or_else(|| format!("{entry:#x}"), |f| f.0.clone())
 }
 
 /// Opens a patch module in this process.
