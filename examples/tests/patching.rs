@@ -293,6 +293,59 @@ fn codec_pair_only_breaks_the_invariant() {
         .any(|s| s.contains("ERR invariant")));
 }
 
+// ---- stacking -----------------------------------------------------------------------------------
+
+/// Patches stack, also on the same functions: `codec-pair-only` on top of `codec-v2`
+/// replaces `kv_encode`/`kv_decode` a second time. With codec-v2's `kv_transcode` beneath
+/// (it calls its own codec directly) the pair on top cannot split a round trip, so even this
+/// stack never trips the invariant. Reverts come out top first; a server with patches still
+/// applied shuts down cleanly.
+#[test]
+fn stacked_patches_come_out_in_order() {
+    let mut srv = spawn(
+        ServerOptions::new(Variant::FramePointers)
+            .workers(4)
+            .transcode_pause_us(PAUSE_US),
+    );
+    let bg = Background::start(&srv, 4, IncrSign::Either);
+    must(srv.apply(Patch::FixIncr, &[]).unwrap());
+    for i in 0..10 {
+        must(srv.apply(Patch::CodecV2, &[]).unwrap());
+        must(srv.apply(Patch::CodecPairOnly, &[]).unwrap());
+        assert_eq!(
+            patch_names(&srv),
+            ["fix-incr", "codec-v2", "codec-pair-only"],
+            "cycle {i}"
+        );
+        assert_eq!(srv.stats().unwrap().get("codec"), Some("2"));
+        let out_of_order = srv.revert("codec-v2", &[]).unwrap();
+        assert_eq!(out_of_order.code, Some(exit::FAILED), "{out_of_order}");
+        assert!(out_of_order.stderr.contains("not on top"), "{out_of_order}");
+        must(srv.revert("codec-pair-only", &[]).unwrap());
+        assert_eq!(
+            srv.stats().unwrap().get("codec"),
+            Some("2"),
+            "codec-v2 still live"
+        );
+        must(srv.revert("codec-v2", &[]).unwrap());
+        assert_eq!(srv.stats().unwrap().get("codec"), Some("1"));
+    }
+    assert_eq!(patch_names(&srv), ["fix-incr"]);
+    assert_eq!(incr_minus_five(&srv), -5);
+    let report = bg.finish();
+    assert_eq!(report.failures, 0, "{report}");
+    assert_eq!(srv.stats().unwrap().violations(), 0);
+    // fix-incr and codec-v2 stay applied through a clean shutdown
+    must(srv.apply(Patch::CodecV2, &[]).unwrap());
+    let status = srv.shutdown().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        srv.output().iter().any(|l| l.starts_with("STOPPED")),
+        "{:?}",
+        srv.output()
+    );
+}
+
 // ---- a thread parked in an old function -----------------------------------------------------
 
 /// A pending thread that a frame of a replaced function blocks, from `kgpatch status
