@@ -371,15 +371,20 @@ fn parked_blocker(srv: &PatchableServer) -> Option<Parked> {
     })
 }
 
-fn wait_for_parked(srv: &PatchableServer, within: Duration) -> Parked {
+/// Waits until a busy thread is pending and, with `sole`, is the only pending one (the
+/// others may take a sweep or two to move on a loaded machine).
+fn wait_for_parked(srv: &PatchableServer, within: Duration, sole: bool) -> Parked {
     let deadline = Instant::now() + within;
     loop {
         if let Some(found) = parked_blocker(srv) {
-            return found;
+            let pending = found.transition["pending"].as_array().map_or(0, Vec::len);
+            if !sole || pending == 1 {
+                return found;
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "status never showed a thread blocked by a busy frame: {}",
+            "status never showed a thread blocked by a busy frame (sole={sole}): {}",
             status(srv)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -408,7 +413,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     let args = ["apply", &pid, module, "--timeout", "1s"];
     let t0 = Instant::now();
     let child = srv.spawn_kgpatch(&args).unwrap();
-    let first = wait_for_parked(&srv, Duration::from_secs(5));
+    let first = wait_for_parked(&srv, Duration::from_secs(5), true);
     let tr = &first.transition;
     assert_eq!(
         (first.tid, first.name.as_str()),
@@ -417,11 +422,6 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     );
     assert_eq!(tr["patch"], "slow-path");
     assert_eq!(tr["kind"], "apply");
-    assert_eq!(
-        tr["pending"].as_array().unwrap().len(),
-        1,
-        "only the parked worker is pending: {tr}"
-    );
     // the other worker serves meanwhile
     assert_eq!(srv.request("PING").unwrap(), "PONG");
     let run = srv.wait(child, &args).unwrap();
@@ -441,7 +441,10 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
         "--keep-pending",
     ];
     let child = srv.spawn_kgpatch(&args).unwrap();
-    assert_eq!(wait_for_parked(&srv, Duration::from_secs(5)).tid, worker0);
+    assert_eq!(
+        wait_for_parked(&srv, Duration::from_secs(5), false).tid,
+        worker0
+    );
     std::thread::sleep(Duration::from_millis(500));
     let second = parked_blocker(&srv).expect("still pending after the deadline");
     let tr = &second.transition;
