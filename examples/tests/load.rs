@@ -126,3 +126,61 @@ fn kvload_binary_exit_codes_and_json() {
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("--port is required"));
 }
+
+#[test]
+fn kvload_incr_sign_and_sigint() {
+    let srv = start(Variant::NoFramePointers);
+    let port = srv.port().to_string();
+    let kvload = env!("CARGO_BIN_EXE_kvload");
+    let run = |sign: &str| {
+        std::process::Command::new(kvload)
+            .args(["--port", &port, "--connections", "2", "--duration", "0.3"])
+            .args(["--negative-incr", "--incr-sign", sign])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    // the unpatched server ignores the sign: "ignored" and "either" pass, "applied" fails
+    assert_eq!(run("ignored"), Some(0));
+    assert_eq!(run("either"), Some(0));
+    assert_eq!(run("applied"), Some(1));
+    assert_eq!(run("sideways"), Some(2));
+
+    // SIGINT ends a long run early, and the report is still printed
+    let child = std::process::Command::new(kvload)
+        .args(["--port", &port, "--duration", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    kgpatch_examples::sys::kill(child.id() as i32, libc::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("failures    0"), "{text}");
+}
+
+#[test]
+fn kvserver_prints_patch_paths() {
+    let kvserver = env!("CARGO_BIN_EXE_kvserver");
+    let out = std::process::Command::new(kvserver)
+        .args(["--variant", "nofp", "--print-patch", "codec-v2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::path::Path::new(&path),
+        kgpatch_examples::patch_path(kgpatch_examples::Patch::CodecV2, Variant::NoFramePointers)
+    );
+    assert!(std::path::Path::new(&path).exists());
+    let bad = std::process::Command::new(kvserver)
+        .args(["--print-patch", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fix-incr"));
+}
