@@ -182,7 +182,7 @@ impl Driver {
         for f in &resolved.functions {
             let size = f.new_size;
             functions.push((
-                f.old.to_string(),
+                f.old.name.clone(),
                 f.old_address,
                 f.new_address,
                 (f.new_address, f.new_address + size.max(1)),
@@ -521,7 +521,21 @@ impl Driver {
         }
         let action = |uc: &mut libc::ucontext_t| migrate::on_signal(uc, &ctx);
         let _span = debug_span!("sweep").entered();
-        let report = self.migration.run(&action, SWEEP_WAIT);
+        // Only the threads not yet on the goal side (or never seen) are signalled.
+        let me = sweep::gettid();
+        let pending: Vec<i32> = match self.universe.transition() {
+            Some(tr) => live_tids()
+                .into_iter()
+                .filter(|&tid| tid as i32 != me)
+                .filter(|&tid| {
+                    registry::find(tid)
+                        .is_none_or(|s| Side::of_word(s.state().word(), tr.t) != tr.goal)
+                })
+                .map(|tid| tid as i32)
+                .collect(),
+            None => Vec::new(),
+        };
+        let report = self.migration.run_on(&pending, &action, SWEEP_WAIT);
         match &report {
             Ok(r) => debug!(
                 done = r.done.len(),
@@ -672,6 +686,7 @@ impl Driver {
                 forced: GATE.state().forced,
                 elapsed_ms: ms(now - p.started),
                 remaining_ms: ms(p.deadline.saturating_duration_since(now)),
+                left_pending: p.deadline_passed && p.on_timeout == OnTimeout::Pending,
                 migrated: progress.migrated,
                 total: tids.len(),
                 pending,

@@ -206,8 +206,12 @@ pub struct TransitionInfo {
     pub forced: bool,
     /// Milliseconds since it began.
     pub elapsed_ms: u64,
-    /// Milliseconds until the deadline (0 once passed and left pending).
+    /// Milliseconds until the deadline (0 once passed).
     pub remaining_ms: u64,
+    /// The deadline passed and the transition was left pending (`--keep-pending`): it
+    /// keeps retrying until `force`, `revert` or completion.
+    #[serde(default)]
+    pub left_pending: bool,
     /// Threads on the goal side.
     pub migrated: usize,
     /// Threads in the process.

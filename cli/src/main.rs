@@ -3,9 +3,10 @@
 //! **Owns:** argument parsing, talking to an agent's control socket, human and JSON output.
 //! **Must not touch:** the target process other than through the agent's socket.
 //!
-//! Exit codes: 0 success; 1 the agent refused or the operation failed (the target is as it
-//! was); 2 bad usage; 3 the process or its agent cannot be reached; 4 the transition did not
-//! complete (it was reversed, or `--no-wait`/a timeout left it pending).
+//! Exit codes: 0 success (with `--no-wait`: the transition began); 1 the agent refused or the
+//! operation failed (the target is as it was); 2 bad usage; 3 the process or its agent cannot
+//! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
+//! it pending at its deadline).
 
 mod client;
 mod render;
@@ -359,6 +360,19 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
         match (&s.transition, watched) {
             (Some(tr), w) if w.is_none_or(|w| w == tr.t) => {
                 watched = Some(tr.t);
+                if tr.left_pending {
+                    // --keep-pending: the deadline passed and the transition stays.
+                    if tty {
+                        eprintln!();
+                    }
+                    if json {
+                        print_json(&s)?;
+                    } else {
+                        print!("{}", render::transition(tr));
+                        eprintln!("kgpatch: the deadline passed; transition {} is left pending: `kgpatch force {pid}` completes it, `kgpatch revert {pid} {}` turns it around", tr.t, tr.patch);
+                    }
+                    return Ok(EXIT_INCOMPLETE);
+                }
                 if tty {
                     eprint!("\r\x1b[2K{}", render::progress_line(tr));
                 } else if !json && last_print.elapsed() >= Duration::from_secs(1) {

@@ -133,3 +133,40 @@ fn rust_std_program_through_transitions() {
     assert!(t.alive());
     eprintln!("rust std program: {s:?}");
 }
+
+/// Proves the migration signal's handler fits the alternate signal stacks programs really
+/// install: worker threads with an 8 KiB `sigaltstack` above a guard page (what Rust's std
+/// sets up in every thread, and C servers with a SIGSEGV handler) survive apply/revert
+/// cycles, and their results stay old-or-new.
+#[test]
+fn small_sigaltstack_survives_transitions() {
+    let dir = TempDir::new("altstack");
+    let exe = build_target(&dir, "target", &[]);
+    let fix = dir.join("fix-alt.so");
+    let mut defs = vec![
+        "-DNAME=\"fix-alt\"".to_string(),
+        "-DPATCH_ANSWER".into(),
+        "-DPATCH_SCALE".into(),
+    ];
+    defs.extend(sym_defines(&exe, &["answer", "scale"]));
+    build_patch("fix.c", &fix, &defs);
+    let mut t = Spawn::new(&exe, &dir.runtime_dir())
+        .args(["4", "altstack"])
+        .start();
+    for cycle in 0..5 {
+        let a = t.apply(&fix, "10s");
+        assert!(
+            t.alive(),
+            "cycle {cycle}: the target died during apply:\n{a}"
+        );
+        expect_completed(&a);
+        let r = t.revert("fix-alt", "10s");
+        assert!(
+            t.alive(),
+            "cycle {cycle}: the target died during revert:\n{r}"
+        );
+        expect_completed(&r);
+    }
+    let s = t.stats();
+    assert_eq!((s["bad"], s["last_old"]), (0, 4), "{s:?}");
+}

@@ -37,7 +37,13 @@ struct Slot {
 struct Shared<'a> {
     action: SweepAction<'a>,
     slots: &'a [Slot],
+    /// Slots not yet done: the handler that takes it to zero wakes the caller, so the caller
+    /// is woken once per sweep rather than once per thread.
+    remaining: AtomicUsize,
 }
+
+/// How often a sweep looks for threads that block its signal.
+const BLOCKED_CHECK: Duration = Duration::from_millis(10);
 
 static CURRENT: AtomicPtr<Shared<'static>> = AtomicPtr::new(std::ptr::null_mut());
 static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -103,10 +109,22 @@ impl Sweep {
     /// Runs `action` in every thread of the process except the calling one, and waits up to
     /// `timeout` for all of them. One sweep runs at a time in the process.
     pub fn run(&self, action: SweepAction<'_>, timeout: Duration) -> Result<SweepReport> {
-        let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let me = gettid();
-        let pid = std::process::id() as i32;
         let tids: Vec<i32> = list_threads()?.into_iter().filter(|&t| t != me).collect();
+        self.run_on(&tids, action, timeout)
+    }
+
+    /// Runs `action` in the threads `tids` only (the agent's later migration rounds signal
+    /// just the threads not yet migrated), and waits up to `timeout` for them. The calling
+    /// thread must not be among them.
+    pub fn run_on(
+        &self,
+        tids: &[i32],
+        action: SweepAction<'_>,
+        timeout: Duration,
+    ) -> Result<SweepReport> {
+        let _one_at_a_time = RUN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id() as i32;
         let slots: Vec<Slot> = tids
             .iter()
             .map(|&tid| Slot {
@@ -117,6 +135,7 @@ impl Sweep {
         let shared = Shared {
             action,
             slots: &slots,
+            remaining: AtomicUsize::new(slots.len()),
         };
         // Lifetimes are erased for the static pointer; `run` does not return before every
         // handler has let go of it (module docs).
@@ -135,7 +154,9 @@ impl Sweep {
         }
         let deadline = Instant::now() + timeout;
         let started = Instant::now();
-        let mut next_blocked_check = started + Duration::from_millis(2);
+        // Reading every pending thread's /proc status costs ~20 µs a thread: look for threads
+        // that block the signal only once handlers had time to run, and then rarely.
+        let mut next_blocked_check = started + BLOCKED_CHECK;
         loop {
             let events = DONE_EVENTS.load(Ordering::SeqCst);
             pending.retain(|&i| {
@@ -166,7 +187,7 @@ impl Sweep {
                         ThreadStatus::Alive => true,
                     }
                 });
-                next_blocked_check = now + Duration::from_millis(5);
+                next_blocked_check = now + BLOCKED_CHECK;
             }
             if pending.is_empty() {
                 break;
@@ -178,7 +199,8 @@ impl Sweep {
                 break;
             }
             let _ = started;
-            // Sleep until a handler reports, or 1 ms passes (to look at blocked threads).
+            // Sleep until the last handler reports, or 1 ms passes (to look at blocked threads
+            // and the deadline).
             futex_wait(&DONE_EVENTS, events, Duration::from_millis(1));
         }
         CURRENT.store(std::ptr::null_mut(), Ordering::SeqCst);
@@ -220,10 +242,12 @@ extern "C" fn on_sweep_signal(
         (shared.action)(uc);
         let me = gettid();
         if let Some(slot) = shared.slots.iter().find(|s| s.tid == me) {
-            slot.done.store(true, Ordering::Release);
+            let first = !slot.done.swap(true, Ordering::AcqRel);
+            if first && shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                DONE_EVENTS.fetch_add(1, Ordering::SeqCst);
+                futex_wake(&DONE_EVENTS);
+            }
         }
-        DONE_EVENTS.fetch_add(1, Ordering::SeqCst);
-        futex_wake(&DONE_EVENTS);
     }
     INFLIGHT.fetch_sub(1, Ordering::SeqCst);
     set_errno(saved_errno);
