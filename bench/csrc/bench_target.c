@@ -1,6 +1,6 @@
 /* The benchmark's target: N threads, half busy in user code and half asleep in the kernel
  * (futex, epoll_wait, nanosleep in turn), all of which call the patched function
- * bench_leaf() from time to time. Prints "READY <threads>" once every thread runs, then
+ * bench_leaf() from time to time. Usage: bench_target N [BUSY_CORES=1.0]. Prints "READY <threads>" once every thread runs, then
  * sleeps in read(2) on stdin until it closes. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -30,11 +30,18 @@ static unsigned long busy_burst(unsigned long x, int n) {
     return x;
 }
 
-/* Busy: 200 µs of computing, then 200 µs asleep (a 50 % duty cycle, like a loaded server
- * thread; pure spinning on a 2-core machine would measure the scheduler, not kgpatch). */
+/* Busy threads together keep `busy_cores` cores computing: each computes in 200 µs bursts
+ * and sleeps between them (duty cycle busy_cores / n_busy, at most 50 %). Every thread
+ * spinning at once on a 2-core machine would measure the scheduler, not kgpatch. */
+static double busy_cores = 1.0;
+static int n_busy = 1;
+
 static void *busy(void *arg) {
     unsigned long x = (unsigned long)arg;
-    struct timespec pause = {0, 200000};
+    double duty = busy_cores / n_busy;
+    if (duty > 0.5) duty = 0.5;
+    long sleep_ns = (long)(200000.0 * (1.0 / duty - 1.0));
+    struct timespec pause = {sleep_ns / 1000000000L, sleep_ns % 1000000000L};
     atomic_fetch_add(&started, 1);
     for (;;) {
         struct timespec t0, t1;
@@ -69,6 +76,8 @@ static void *sleeper(void *arg) {
 
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 8;
+    if (argc > 2) busy_cores = atof(argv[2]);
+    n_busy = (n + 1) / 2 > 0 ? (n + 1) / 2 : 1;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 * 1024);

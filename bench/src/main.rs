@@ -2,8 +2,8 @@
 //! printed as tables (and written as JSON).
 //!
 //! 1. Time from the start of a transition to its completion, for 8, 64, 256 and 1024 threads
-//!    (half busy in user code, half asleep in futex/epoll/nanosleep): kgpatch against the
-//!    stop-the-world baseline.
+//!    (half busy in user code, together keeping one of the two cores computing; half asleep
+//!    in futex/epoll/nanosleep): kgpatch against the stop-the-world baseline.
 //! 2. How long each thread is interrupted: kgpatch's migration handler (entry to return)
 //!    against the stop-the-world hold.
 //! 3. The demo server's request latency under closed-loop load: no patching; an apply/revert
@@ -33,20 +33,30 @@ use agent::{Agent, Built};
 struct Options {
     quick: bool,
     json: PathBuf,
+    threads: Option<Vec<usize>>,
+    only: Option<String>,
 }
 
 fn options() -> Options {
     let mut opts = Options {
         quick: false,
         json: PathBuf::from("target/kgpatch-bench.json"),
+        threads: None,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--json" => opts.json = args.next().map(PathBuf::from).unwrap_or(opts.json),
+            "--threads" => {
+                opts.threads = args
+                    .next()
+                    .map(|l| l.split(',').filter_map(|n| n.parse().ok()).collect())
+            }
+            "--only" => opts.only = args.next(),
             "-h" | "--help" => {
-                println!("usage: kgpatch-bench [--quick] [--json PATH]");
+                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle]");
                 std::process::exit(0);
             }
             other => {
@@ -132,11 +142,12 @@ fn times_json(t: &HandlerTimes) -> Value {
 }
 
 fn migration(built: &Built, opts: &Options) -> Value {
-    let counts: &[usize] = if opts.quick {
+    let default: &[usize] = if opts.quick {
         &[8, 64]
     } else {
         &[8, 64, 256, 1024]
     };
+    let counts = opts.threads.as_deref().unwrap_or(default);
     let reps = if opts.quick { 3 } else { 7 };
     let module = Path::new(env!("KGPATCH_BENCH_PATCH"));
     println!("\n## 1-2. Transition time and per-thread interruption ({reps} apply+revert cycles each, median)\n");
@@ -341,11 +352,17 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if opts.quick { "quick" } else { "full" }
     );
-    let report = json!({
-        "migration": migration(&built, &opts),
-        "latency": latency(&built, &opts),
-        "idle": idle(&built),
-    });
+    let wanted = |name: &str| opts.only.as_deref().is_none_or(|o| o == name);
+    let mut report = json!({});
+    if wanted("migration") {
+        report["migration"] = migration(&built, &opts);
+    }
+    if wanted("latency") {
+        report["latency"] = latency(&built, &opts);
+    }
+    if wanted("idle") {
+        report["idle"] = idle(&built);
+    }
     if let Some(dir) = opts.json.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
