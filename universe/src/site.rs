@@ -1,7 +1,7 @@
 //! A patch site's three words, exactly as the machine-code redirect stub reads them, and the
 //! order in which they are published.
 //!
-//! The stub (built by `kgpatch-redirect`) is:
+//! The stub (built by `kgpatch-redirect`) is, in effect:
 //!
 //! ```text
 //! mov r11, fs:[UNIVERSE_OFFSET]
@@ -10,8 +10,9 @@
 //! jmp [site.from]
 //! ```
 //!
-//! [`select`] is the definition of that stub in Rust; the redirect crate tests its machine
-//! code against it.
+//! (redirect emits it branch-free, `mov r11, [from]; cmove r11, [to]; jmp r11`, with the
+//! same loads in the same order). [`select`] is the definition of that stub in Rust; the
+//! redirect crate tests its machine code against it.
 //!
 //! Publication order (proven by the loom models):
 //! - **begin**: write `to`, then `migrated_value = 2t+1` (release). `from` already holds the
