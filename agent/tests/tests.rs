@@ -1,1 +1,0 @@
-//! Integration tests of the agent (real processes, real signals): see the modules.
