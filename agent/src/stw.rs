@@ -34,36 +34,6 @@ const RETRY: u32 = 2;
 /// The longest a thread stays halted if the driver never releases it.
 const MAX_HALT: Duration = Duration::from_secs(2);
 
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: FUTEX_WAIT on a valid, aligned u32 we own for the process's life; `ts` is a
-    // valid relative timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            &ts as *const libc::timespec,
-        )
-    };
-}
-
-fn futex_wake_all(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE on a valid, aligned u32.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        )
-    };
-}
-
 /// In each thread's handler: check the stack, arrive, wait to be released, then move (or
 /// not) as the driver decided.
 fn halt_here(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
@@ -99,7 +69,7 @@ fn halt_here(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
         if now >= deadline {
             return;
         }
-        futex_wait(
+        sweep::futex_wait(
             &RELEASE,
             HOLD,
             Duration::from_nanos((deadline - now).min(1_000_000)),
@@ -157,7 +127,7 @@ pub fn rendezvous(
         result.busy = BUSY.load(Ordering::Acquire);
         let go = result.halted >= others && result.busy == 0;
         RELEASE.store(if go { GO } else { RETRY }, Ordering::Release);
-        futex_wake_all(&RELEASE);
+        sweep::futex_wake(&RELEASE);
         result.held = start.elapsed();
         crate::timing::HALTED.record(result.held.as_nanos() as u64);
         let _ = signaller.join();

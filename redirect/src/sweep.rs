@@ -269,7 +269,9 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     // SAFETY: zeroed is a valid starting sigaction; the fields are set below.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sweep_signal as *const () as usize;
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
+    // Not SA_ONSTACK: the action (a whole stack walk, for the agent) runs on the thread's
+    // own stack, never on a small alternate signal stack the program set up for SIGSEGV.
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
     // SAFETY: `act.sa_mask` is a valid sigset to fill.
     unsafe { libc::sigemptyset(&mut act.sa_mask) };
     // SAFETY: `act` is fully initialised and its handler is async-signal-safe.
@@ -307,7 +309,8 @@ fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
     true
 }
 
-fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
+/// Sleeps while `word` holds `seen`, at most `timeout`. Async-signal-safe (one system call).
+pub fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -325,8 +328,8 @@ fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
     };
 }
 
-/// Wakes the sweeping thread. Async-signal-safe (one system call).
-fn futex_wake(word: &AtomicU32) {
+/// Wakes every thread waiting on `word`. Async-signal-safe (one system call).
+pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: `word` is a live aligned u32; FUTEX_WAKE only wakes waiters.
     unsafe {
         libc::syscall(
