@@ -477,9 +477,37 @@ impl Target {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Runs kgpatch with `args` against this target's agent.
+    /// Runs kgpatch with `args` against this target's agent. When kgpatch fails and the
+    /// target has died, how it died is added to the output, so every assertion shows it.
     pub fn kg(&self, args: &[&str]) -> Out {
-        kgpatch(&self.runtime_dir, args)
+        let mut out = kgpatch(&self.runtime_dir, args);
+        if out.code != 0 {
+            if let Some(death) = self.death() {
+                out.stderr
+                    .push_str(&format!("\n*** the target process {death}\n"));
+            }
+        }
+        out
+    }
+
+    /// How the target died, if it did (read from its zombie's `/proc/<pid>/stat`).
+    pub fn death(&self) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+        if fields.first() != Some(&"Z") && fields.first() != Some(&"X") {
+            return None;
+        }
+        // Field 52 of proc(5), the 50th after the command name: the waitpid status.
+        let code: i32 = fields.get(49)?.trim().parse().ok()?;
+        Some(if code & 0x7f != 0 {
+            format!(
+                "was killed by signal {} (core dumped: {})",
+                code & 0x7f,
+                code & 0x80 != 0
+            )
+        } else {
+            format!("exited with status {}", (code >> 8) & 0xff)
+        })
     }
 
     /// A kgpatch command for this target's agent, not yet run.
