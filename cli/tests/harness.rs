@@ -309,7 +309,6 @@ pub struct Target {
 pub struct Spawn {
     exe: PathBuf,
     args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
     runtime_dir: PathBuf,
     preload: bool,
     ready: String,
@@ -322,7 +321,6 @@ impl Spawn {
         Spawn {
             exe: exe.to_owned(),
             args: Vec::new(),
-            env: Vec::new(),
             runtime_dir: runtime_dir.to_owned(),
             preload: true,
             ready: "READY".into(),
@@ -338,12 +336,6 @@ impl Spawn {
     /// Arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, a: I) -> Spawn {
         self.args.extend(a.into_iter().map(Into::into));
-        self
-    }
-
-    /// An environment variable.
-    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Spawn {
-        self.env.push((k.into(), v.into()));
         self
     }
 
@@ -363,9 +355,6 @@ impl Spawn {
             .stderr(Stdio::inherit());
         if self.preload {
             cmd.env("LD_PRELOAD", agent_so());
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
         }
         let mut child = cmd
             .spawn()
@@ -424,11 +413,6 @@ impl Target {
         stdin.flush().unwrap();
     }
 
-    /// Closes the target's stdin.
-    pub fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
     /// Waits for the next line (after the last one matched) that starts with `prefix`.
     #[track_caller]
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> String {
@@ -455,11 +439,6 @@ impl Target {
             }
             g = self.out.cv.wait_timeout(g, deadline - now).unwrap().0;
         }
-    }
-
-    /// Every line printed so far.
-    pub fn all_lines(&self) -> Vec<String> {
-        self.out.lines.lock().unwrap().0.clone()
     }
 
     /// Sends `stats <seq>` and parses the `STATS seq=<seq> k=v...` answer.
