@@ -15,7 +15,9 @@ use kgpatch_universe::{
 use tracing::{debug, debug_span, info, info_span, warn};
 
 use crate::error::AgentError;
-use crate::migrate::{self, MigrationContext, GATE, NO_STACK_MAPPING, OUR_CODE, REGISTRY_FULL};
+use crate::migrate::{
+    self, MigrationContext, GATE, NO_STACK_MAPPING, OUR_CODE, REGISTRY_FULL, SHORT_OF_STACK,
+};
 use crate::protocol::{
     BlockerInfo, FunctionInfo, Kind, OnTimeout, Outcome, OutcomeKind, PatchInfo, Status,
     ThreadInfo, TransitionInfo,
@@ -766,6 +768,11 @@ fn describe_blocker(b: Blocker, names: &[String]) -> BlockerInfo {
             reason: REGISTRY_FULL,
         } => BlockerInfo::Unreliable {
             reason: "the agent's thread registry is full".into(),
+        },
+        Blocker::Unreliable {
+            reason: SHORT_OF_STACK,
+        } => BlockerInfo::Unreliable {
+            reason: "the signal arrived on a stack too small for a walk (an alternate signal stack); retried".into(),
         },
         Blocker::Unreliable { reason } => BlockerInfo::Unreliable {
             reason: UnreliableReason::describe(reason).to_string(),

@@ -22,6 +22,8 @@ pub static GATE: Gate = Gate::new();
 pub const NO_STACK_MAPPING: u16 = 0xff01;
 /// `Blocker::Unreliable` code for "the thread registry is full".
 pub const REGISTRY_FULL: u16 = 0xff02;
+/// `Blocker::Unreliable` code for "the handler runs on a stack too small for a walk".
+pub const SHORT_OF_STACK: u16 = 0xff03;
 /// Busy-range id of kgpatch's own stubs and trampolines.
 pub const OUR_CODE: u32 = u32::MAX;
 
@@ -89,11 +91,30 @@ pub fn check_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>, goal
     }
 }
 
+/// Stack the handler needs for a walk (the walker's frames and gimli's parsing).
+const HANDLER_STACK: u64 = 32 * 1024;
+
+/// `true` when the handler runs with too little stack below it for a walk: on a small
+/// alternate signal stack, or near the end of the thread's stack.
+fn short_of_stack(ctx: &MigrationContext<'_>) -> bool {
+    let here = &ctx as *const _ as u64;
+    ctx.stacks
+        .room_below(here)
+        .is_none_or(|room| room < HANDLER_STACK)
+}
+
 fn migrate_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
     let Some(slot) = registry::claim(tid(), current_word()) else {
         return;
     };
-    let outcome = GATE.migrate(slot.state(), |_, goal| check_interrupted(uc, ctx, goal));
+    let outcome = GATE.migrate(slot.state(), |_, goal| {
+        if short_of_stack(ctx) {
+            return Check::Blocked(Blocker::Unreliable {
+                reason: SHORT_OF_STACK,
+            });
+        }
+        check_interrupted(uc, ctx, goal)
+    });
     if matches!(outcome, Migration::Moved(_) | Migration::AlreadyThere) {
         publish_word(slot.state().word());
     }

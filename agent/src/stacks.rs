@@ -11,17 +11,18 @@
 
 use kgpatch_stackcheck::StackBounds;
 
-/// Readable, writable private mappings, sorted by start.
+/// Readable, writable private mappings, sorted by start: (start, end, is the main thread's
+/// grow-down `[stack]`).
 #[derive(Debug, Default)]
 pub struct StackMap {
-    maps: Vec<(u64, u64)>,
+    maps: Vec<(u64, u64, bool)>,
 }
 
 impl StackMap {
     /// Reads `/proc/self/maps`.
     pub fn snapshot() -> std::io::Result<StackMap> {
         let text = std::fs::read_to_string("/proc/self/maps")?;
-        let mut maps: Vec<(u64, u64)> = text
+        let mut maps: Vec<(u64, u64, bool)> = text
             .lines()
             .filter_map(|line| {
                 let mut fields = line.split_whitespace();
@@ -34,6 +35,7 @@ impl StackMap {
                 Some((
                     u64::from_str_radix(lo, 16).ok()?,
                     u64::from_str_radix(hi, 16).ok()?,
+                    line.ends_with("[stack]"),
                 ))
             })
             .collect();
@@ -41,19 +43,25 @@ impl StackMap {
         Ok(StackMap { maps })
     }
 
+    fn mapping_of(&self, addr: u64) -> Option<(u64, u64, bool)> {
+        let i = self.maps.partition_point(|m| m.0 <= addr).checked_sub(1)?;
+        let m = self.maps[i];
+        (addr < m.1).then_some(m)
+    }
+
+    /// Bytes of stack below `sp` in its mapping; unbounded for the main thread's `[stack]`,
+    /// which the kernel grows on demand; `None` outside every mapping. Async-signal-safe.
+    pub fn room_below(&self, sp: u64) -> Option<u64> {
+        let (lo, _, grows) = self.mapping_of(sp)?;
+        Some(if grows { u64::MAX } else { sp - lo })
+    }
+
     /// The bounds of the mapping that holds `rsp`. Async-signal-safe.
     pub fn bounds_of(&self, rsp: u64) -> Option<StackBounds> {
-        let i = self
-            .maps
-            .partition_point(|&(lo, _)| lo <= rsp)
-            .checked_sub(1)?;
-        let (lo, hi) = self.maps[i];
-        (rsp < hi).then(|| {
-            // SAFETY: the range is a readable mapping that holds the stack pointer of the
-            // thread that walks it, from its own signal handler: the thread's stack cannot be
-            // unmapped while the thread runs on it, and the walk ends before the handler
-            // returns.
-            unsafe { StackBounds::new_unchecked(lo, hi) }
-        })
+        let (lo, hi, _) = self.mapping_of(rsp)?;
+        // SAFETY: the range is a readable mapping that holds the stack pointer of the thread
+        // that walks it, from its own signal handler: the thread's stack cannot be unmapped
+        // while the thread runs on it, and the walk ends before the handler returns.
+        Some(unsafe { StackBounds::new_unchecked(lo, hi) })
     }
 }

@@ -60,8 +60,16 @@ pub fn install() -> Result<()> {
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigtrap as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-    // SAFETY: `act.sa_mask` is a valid sigset.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // Real-time signals wait while the trap handler runs: it may run on a small alternate
+    // stack (Rust gives every thread 8 KiB), and a sweep's handler (a whole stack walk)
+    // delivered on top of it there would overflow it.
+    // SAFETY: `act.sa_mask` is a valid sigset; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut act.sa_mask);
+        for sig in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+            libc::sigaddset(&mut act.sa_mask, sig);
+        }
+    }
     // SAFETY: `act` is initialised; the handler is async-signal-safe.
     if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
         return Err(Error::os("sigaction", "installing the SIGTRAP handler"));
