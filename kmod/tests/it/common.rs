@@ -51,8 +51,37 @@ fn gcc(args: &[&str], out: &Path) {
 pub fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kmod-fixtures");
-        std::fs::create_dir_all(&dir).unwrap();
+        // Test runners like nextest run every test in its own process: build in a private
+        // folder and publish it with an atomic rename, named by a hash of the sources, so
+        // no process ever reads a fixture another is still writing.
+        let sources: Vec<u8> = ["target_a.c", "target_b.c", "target_main.c"]
+            .iter()
+            .flat_map(|f| std::fs::read(fixture_src(f)).unwrap())
+            .collect();
+        let hash = kgpatch_kmod::checksum::fnv1a64(&sources);
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join(format!("kmod-fixtures-{hash:016x}"));
+        if dir.join("done").exists() {
+            return fixtures_in(dir);
+        }
+        let tmp = root.join(format!(
+            "kmod-fixtures-tmp-{}-{hash:016x}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        build_fixtures(&tmp);
+        std::fs::write(tmp.join("done"), b"").unwrap();
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process published first: use theirs.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        fixtures_in(dir)
+    })
+}
+
+fn build_fixtures(dir: &Path) {
+    {
         let a = fixture_src("target_a.c");
         let b = fixture_src("target_b.c");
         let main = fixture_src("target_main.c");
@@ -79,7 +108,15 @@ pub fn fixtures() -> &'static Fixtures {
         args.extend(["-fPIE", "-pie", "-rdynamic", a, b, main]);
         gcc(&args, &exe_stripped);
         run(Command::new("strip").arg(&exe_stripped));
+    }
+}
 
+fn fixtures_in(dir: std::path::PathBuf) -> Fixtures {
+    {
+        let lib = dir.join("libkgfix.so.1");
+        let exe_pie = dir.join("kgfix-pie");
+        let exe_nopie = dir.join("kgfix-nopie");
+        let exe_stripped = dir.join("kgfix-stripped");
         let found = describe_symbol(&lib, "compute", Some("target_a.c")).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         let compute = found[0].clone();
@@ -96,7 +133,7 @@ pub fn fixtures() -> &'static Fixtures {
             compute,
             lib_build_id,
         }
-    })
+    }
 }
 
 /// dlopens the fixture library into this process (once; never closed).
@@ -158,8 +195,12 @@ pub fn c_module_from(source: &str, name: &str, extra: &[String], sizes: &[(u64, 
     if name != "GOOD" {
         cmd.arg(format!("-DVARIANT_{name}"));
     }
-    cmd.args(extra).arg(fixture_src(source)).arg("-o").arg(&out);
+    // Built under a private name and renamed into place: other test processes may be
+    // reading `out` (same bytes) at the same time.
+    let tmp = f.dir.join(format!("{key}.so.tmp-{}", std::process::id()));
+    cmd.args(extra).arg(fixture_src(source)).arg("-o").arg(&tmp);
     run(&mut cmd);
+    std::fs::rename(&tmp, &out).unwrap();
     built.insert(key, out.clone());
     out
 }

@@ -318,7 +318,11 @@ mod fuzz {
                 let n = if head { 0x200.min(bytes.len()) } else { bytes.len() };
                 bytes[at.index(n)] = v;
             }
-            let path = fixtures().dir.join(format!("fuzz-{:?}.so", std::thread::current().id()));
+            let path = fixtures().dir.join(format!(
+                "fuzz-{}-{:?}.so",
+                std::process::id(),
+                std::thread::current().id()
+            ));
             std::fs::write(&path, &bytes).unwrap();
             let _ = kgpatch_kmod::ModuleFile::read(&path);
             let _ = kgpatch_kmod::describe_symbol(&path, "kgfix_c_new_compute", None);
