@@ -100,8 +100,16 @@ impl World {
             ],
         };
         let mut sites = vec![
-            NewSite { key: F, site: self.f.clone(), original: F0 },
-            NewSite { key: G, site: self.g.clone(), original: G0 },
+            NewSite {
+                key: F,
+                site: self.f.clone(),
+                original: F0,
+            },
+            NewSite {
+                key: G,
+                site: self.g.clone(),
+                original: G0,
+            },
         ];
         u.begin_apply(spec, &mut sites, 0).unwrap()
     }
@@ -224,8 +232,15 @@ fn thread_started_during_the_transition() {
         let t = world.apply(&mut u);
         let young = Arc::new(ThreadState::new());
         let young_worker = spawn_worker(world.worker(), young.clone(), move |w, me| {
-            assert!(matches!(w.gate.thread_start(me), Migration::Moved(Side::To)));
-            assert_eq!(w.request(me), Seen::New, "a new thread starts in the goal universe");
+            assert!(matches!(
+                w.gate.thread_start(me),
+                Migration::Moved(Side::To)
+            ));
+            assert_eq!(
+                w.request(me),
+                Seen::New,
+                "a new thread starts in the goal universe"
+            );
         });
         young_worker.join().unwrap();
         old_worker.join().unwrap();
@@ -309,8 +324,13 @@ fn force_keeps_requests_consistent() {
         u.force().unwrap();
         worker.join().unwrap();
         if u.poll([&*me]).is_none() {
-            world.gate.migrate(&me, |_, _| Check::Blocked(Blocker::SignalBlocked));
-            assert!(u.poll([&*me]).is_some(), "a forced worker moves at its next boundary");
+            world
+                .gate
+                .migrate(&me, |_, _| Check::Blocked(Blocker::SignalBlocked));
+            assert!(
+                u.poll([&*me]).is_some(),
+                "a forced worker moves at its next boundary"
+            );
         }
     });
 }

@@ -134,7 +134,11 @@ impl Gate {
         let outcome = match entered.open {
             None => Migration::Idle,
             Some((t, goal)) if Side::of_word(me.word(), t) == goal => Migration::AlreadyThere,
-            Some((t, goal)) => match if entered.forced { Check::Clean } else { check(t, goal) } {
+            Some((t, goal)) => match if entered.forced {
+                Check::Clean
+            } else {
+                check(t, goal)
+            } {
                 Check::Clean => {
                     me.set_word(goal.word(t));
                     Migration::Moved(goal)

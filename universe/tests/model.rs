@@ -93,7 +93,12 @@ impl World {
 
     fn snapshot(&self) -> Snapshot {
         Snapshot {
-            patches: self.u.patches().iter().map(|p| p.spec.name.clone()).collect(),
+            patches: self
+                .u
+                .patches()
+                .iter()
+                .map(|p| p.spec.name.clone())
+                .collect(),
             transition: self.u.transition().cloned(),
             sites: self
                 .u
@@ -182,9 +187,7 @@ impl World {
                 }
             },
             Op::Call { thread, site } => {
-                if let (Some(th), Some(s)) =
-                    (self.threads.get(thread), self.u.site(KEYS[site]))
-                {
+                if let (Some(th), Some(s)) = (self.threads.get(thread), self.u.site(KEYS[site])) {
                     let v = select(th.state.word(), s);
                     if th.frames.len() < 6 {
                         self.threads[thread].frames.push(v);
@@ -280,7 +283,12 @@ impl World {
 
     fn check_invariants(&self) {
         let names: Vec<_> = self.stack.iter().map(|p| p.0.clone()).collect();
-        let patches: Vec<_> = self.u.patches().iter().map(|p| p.spec.name.clone()).collect();
+        let patches: Vec<_> = self
+            .u
+            .patches()
+            .iter()
+            .map(|p| p.spec.name.clone())
+            .collect();
         assert_eq!(names, patches, "patch stack");
         match self.u.transition() {
             None => {

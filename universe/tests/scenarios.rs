@@ -65,7 +65,10 @@ fn apply_migrate_complete() {
     assert_eq!(run(&u, &a, G), G0);
     assert!(u.poll([&a, &b]).is_none());
 
-    assert_eq!(u.gate().migrate(&a, |_, _| Check::Clean), Migration::Moved(Side::To));
+    assert_eq!(
+        u.gate().migrate(&a, |_, _| Check::Clean),
+        Migration::Moved(Side::To)
+    );
     assert_eq!(run(&u, &a, F), Version(0xf1));
     assert_eq!(run(&u, &a, G), Version(0xf2));
     assert_eq!(run(&u, &b, F), F0);
@@ -136,12 +139,23 @@ fn reversal_mid_transition_returns_everyone_and_releases_new_sites() {
     assert_eq!(u.reverse().unwrap(), Side::From);
     // b never moved, a must come back.
     assert!(u.poll([&a, &b]).is_none());
-    assert_eq!(run(&u, &a, F), Version(0xf1), "a stays in `to` until it moves back");
-    assert_eq!(u.gate().migrate(&a, |_, _| Check::Clean), Migration::Moved(Side::From));
+    assert_eq!(
+        run(&u, &a, F),
+        Version(0xf1),
+        "a stays in `to` until it moves back"
+    );
+    assert_eq!(
+        u.gate().migrate(&a, |_, _| Check::Clean),
+        Migration::Moved(Side::From)
+    );
     assert_eq!(run(&u, &a, F), F0);
     let done = u.poll([&a, &b]).unwrap();
     assert!(done.reversed);
-    assert_eq!(done.released.len(), 1, "a site nobody patches any more is handed back");
+    assert_eq!(
+        done.released.len(),
+        1,
+        "a site nobody patches any more is handed back"
+    );
     assert!(u.patches().is_empty());
     assert!(u.site(F).is_none());
 }
@@ -175,12 +189,19 @@ fn revert_only_the_top_patch() {
     let t = u.begin_revert("two", 0).unwrap();
     assert_eq!(t, 3);
     let moves = &u.transition().unwrap().sites;
-    assert_eq!(moves[0].to, Version(0xf1), "F goes back to patch one's version");
+    assert_eq!(
+        moves[0].to,
+        Version(0xf1),
+        "F goes back to patch one's version"
+    );
     assert_eq!(moves[1].to, G0, "G goes back to its original");
     u.gate().migrate(&a, |_, _| Check::Clean);
     let done = u.poll([&a]).unwrap();
     assert_eq!(done.steady, vec![(F, Version(0xf1))]);
-    assert_eq!(done.released.iter().map(|r| r.0).collect::<Vec<_>>(), vec![G]);
+    assert_eq!(
+        done.released.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![G]
+    );
     assert_eq!(run(&u, &a, F), Version(0xf1));
 }
 
@@ -191,7 +212,10 @@ fn one_transition_at_a_time() {
     let s = spec("two", &[(G, 0xf2)]);
     let mut sites = new_sites(&u, &s);
     let err = u.begin_apply(s, &mut sites, 0).unwrap_err();
-    assert!(matches!(err, UniverseError::TransitionInProgress { t: 1, .. }));
+    assert!(matches!(
+        err,
+        UniverseError::TransitionInProgress { t: 1, .. }
+    ));
     assert_eq!(sites.len(), 1, "nothing taken on error");
     assert!(u.site(G).is_none(), "nothing registered on error");
 }
@@ -215,7 +239,11 @@ fn bad_patches_are_refused_whole() {
         .begin_apply(spec("m", &[(F, 1)]), &mut Vec::new(), 0)
         .unwrap_err();
     assert_eq!(err, UniverseError::MissingSite(F));
-    assert_eq!(u.last_transition_number(), 0, "refusals use no transition number");
+    assert_eq!(
+        u.last_transition_number(),
+        0,
+        "refusals use no transition number"
+    );
 }
 
 #[test]
