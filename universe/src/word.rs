@@ -10,7 +10,7 @@
 pub const STEADY: u64 = u64::MAX;
 
 /// Largest transition number: `2t + 1` must stay below [`STEADY`], and the gate packs `t`
-/// into [`crate::gate`]'s state word.
+/// into the [`Gate`](crate::Gate)'s state word.
 pub const MAX_TRANSITION: u64 = (1 << 40) - 1;
 
 /// The universe word of a thread in the `to` universe of transition `t`.
