@@ -33,6 +33,27 @@ struct Cli {
     command: Command,
 }
 
+/// How `apply` and `revert` run their transition.
+#[derive(clap::Args, Debug)]
+struct TransitionArgs {
+    /// Deadline for every thread to move, e.g. 30s, 500ms, 2m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// At the deadline, leave the transition pending instead of reversing it.
+    #[arg(long)]
+    keep_pending: bool,
+    /// BASELINE FOR BENCHMARKS ONLY: halt every thread at once (stop-the-world) instead of
+    /// moving them one by one.
+    #[arg(long)]
+    stop_the_world: bool,
+    /// Return as soon as the transition began.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the final status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Apply a patch module to a running process and watch every thread move to it.
@@ -41,22 +62,8 @@ enum Command {
         pid: u32,
         /// The patch module (.so).
         module: PathBuf,
-        /// Deadline for every thread to move, e.g. 30s, 500ms, 2m.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: Duration,
-        /// At the deadline, leave the transition pending instead of reversing it.
-        #[arg(long)]
-        keep_pending: bool,
-        /// BASELINE FOR BENCHMARKS ONLY: halt every thread at once (stop-the-world) instead
-        /// of moving them one by one.
-        #[arg(long)]
-        stop_the_world: bool,
-        /// Return as soon as the transition began.
-        #[arg(long)]
-        no_wait: bool,
-        /// Print the final status as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        how: TransitionArgs,
     },
     /// Revert a patch (the most recent one first), the same way it went in.
     Revert {
@@ -64,22 +71,8 @@ enum Command {
         pid: u32,
         /// The patch's name (see `kgpatch list`).
         patch: String,
-        /// Deadline, e.g. 30s.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: Duration,
-        /// At the deadline, leave the transition pending instead of reversing it.
-        #[arg(long)]
-        keep_pending: bool,
-        /// BASELINE FOR BENCHMARKS ONLY: halt every thread at once (stop-the-world) instead
-        /// of moving them one by one.
-        #[arg(long)]
-        stop_the_world: bool,
-        /// Return as soon as the transition began.
-        #[arg(long)]
-        no_wait: bool,
-        /// Print the final status as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        how: TransitionArgs,
     },
     /// Show the patch stack and the transition in progress.
     Status {
@@ -192,41 +185,25 @@ fn print_json(s: &Status) -> Result<()> {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Apply {
-            pid,
-            module,
-            timeout,
-            keep_pending,
-            stop_the_world,
-            no_wait,
-            json,
-        } => {
+        Command::Apply { pid, module, how } => {
             let module = std::fs::canonicalize(&module)
                 .with_context(|| format!("cannot read the patch module {}", module.display()))?;
             let req = Request::Apply {
                 module,
-                timeout_ms: Some(timeout.as_millis() as u64),
-                on_timeout: on_timeout(keep_pending),
-                stop_the_world,
+                timeout_ms: Some(how.timeout.as_millis() as u64),
+                on_timeout: on_timeout(how.keep_pending),
+                stop_the_world: how.stop_the_world,
             };
-            transition(pid, req, no_wait, json)
+            transition(pid, req, how.no_wait, how.json)
         }
-        Command::Revert {
-            pid,
-            patch,
-            timeout,
-            keep_pending,
-            stop_the_world,
-            no_wait,
-            json,
-        } => {
+        Command::Revert { pid, patch, how } => {
             let req = Request::Revert {
                 patch,
-                timeout_ms: Some(timeout.as_millis() as u64),
-                on_timeout: on_timeout(keep_pending),
-                stop_the_world,
+                timeout_ms: Some(how.timeout.as_millis() as u64),
+                on_timeout: on_timeout(how.keep_pending),
+                stop_the_world: how.stop_the_world,
             };
-            transition(pid, req, no_wait, json)
+            transition(pid, req, how.no_wait, how.json)
         }
         Command::Status { pid, watch, json } => {
             if watch {
