@@ -10,6 +10,7 @@ mod harness;
 mod bad_input;
 mod cxx;
 mod frames;
+mod lifetime;
 mod load;
 mod parked;
 mod stress;

@@ -205,6 +205,29 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// The bytes at a site are no longer the jump kgpatch wrote there: the code was
+    /// unloaded and something else mapped in its place, or loaded again with its original
+    /// bytes. kgpatch writes nothing there.
+    #[error(
+        "the bytes at {at:#x} are no longer the jump kgpatch wrote for the function at {entry:#x} (found {}): the code there was unloaded or overwritten by something else, so kgpatch wrote nothing; check what is mapped at that address", hex(.found)
+    )]
+    SiteChanged {
+        /// The patched function's entry.
+        entry: u64,
+        /// Where the bytes differ (the patch point, or the pad's jump).
+        at: u64,
+        /// The bytes found there.
+        found: Vec<u8>,
+    },
+}
+
+/// Bytes as `e9 12 34 56 78`.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Error {

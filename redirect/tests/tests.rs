@@ -6,6 +6,7 @@ mod chain;
 mod cxx;
 mod differential;
 mod generated;
+mod gone;
 mod hammer;
 mod install;
 mod probe;
