@@ -18,6 +18,16 @@ fn pages(start: u64, end: u64) -> (u64, u64) {
 /// Maps fresh anonymous memory over `[start, end)` (whole pages) holding `content` (the
 /// pages' bytes), read-only: something else mapped where the patched code was.
 fn squat(start: u64, end: u64, content: &[u8]) {
+    map_over(start, end, content, libc::PROT_READ);
+}
+
+/// Puts the library's code back (its bytes before the site was installed, executable): the
+/// loader runs code of these pages (`_fini`) when the test process exits.
+fn restore(start: u64, end: u64, original: &[u8]) {
+    map_over(start, end, original, libc::PROT_READ | libc::PROT_EXEC);
+}
+
+fn map_over(start: u64, end: u64, content: &[u8], prot: libc::c_int) {
     let len = (end - start) as usize;
     assert_eq!(content.len(), len);
     // SAFETY: the pages belong to a fixture library only this test uses; nothing executes
@@ -36,7 +46,7 @@ fn squat(start: u64, end: u64, content: &[u8]) {
     // SAFETY: `p` is the fresh writable mapping of `len` bytes made above.
     unsafe {
         std::ptr::copy_nonoverlapping(content.as_ptr(), p.cast::<u8>(), len);
-        assert_eq!(libc::mprotect(p, len, libc::PROT_READ), 0);
+        assert_eq!(libc::mprotect(p, len, prot), 0);
     }
 }
 
@@ -69,12 +79,14 @@ fn assert_refused(e: Error, entry: u64) {
 #[test]
 fn remove_refuses_over_foreign_memory() {
     for (variant, tag) in [("o2", "_gone_rm"), ("o2_pad", "_gone_rm_pad")] {
-        let (p, site, (start, end), _) = installed(variant, tag);
+        let (p, site, (start, end), original) = installed(variant, tag);
         let fill = vec![0xa5; (end - start) as usize];
         squat(start, end, &fill);
-        let e = p.remove(site.entry()).unwrap_err();
-        assert_eq!(bytes(start, end - start), fill, "{variant}: bytes changed");
-        assert_refused(e, site.entry());
+        let e = p.remove(site.entry());
+        let after = bytes(start, end - start);
+        restore(start, end, &original);
+        assert_eq!(after, fill, "{variant}: bytes changed");
+        assert_refused(e.unwrap_err(), site.entry());
     }
 }
 
@@ -85,29 +97,31 @@ fn remove_refuses_over_foreign_memory() {
 fn remove_and_fast_path_refuse_over_reloaded_code() {
     let (p, site, (start, end), original) = installed("o2", "_gone_reload");
     squat(start, end, &original);
-    let e = p.remove(site.entry()).unwrap_err();
-    assert_refused(e, site.entry());
-    let e = p
-        .set_fast_path(site.entry(), Some(site.original()))
-        .unwrap_err();
-    assert_refused(e, site.entry());
-    let e = p.set_fast_path(site.entry(), None).unwrap_err();
-    assert_refused(e, site.entry());
-    assert_eq!(bytes(start, end - start), original, "bytes changed");
+    let removed = p.remove(site.entry());
+    let to_original = p.set_fast_path(site.entry(), Some(site.original()));
+    let to_stub = p.set_fast_path(site.entry(), None);
+    let after = bytes(start, end - start);
+    restore(start, end, &original);
+    assert_eq!(after, original, "bytes changed");
+    for e in [removed, to_original, to_stub] {
+        assert_refused(e.unwrap_err(), site.entry());
+    }
 }
 
 /// Proves that `set_fast_path` refuses to move a site off its fast path when the bytes
 /// there are no longer its jump, and changes no byte.
 #[test]
 fn fast_path_refuses_over_foreign_memory() {
-    let (p, site, (start, end), _) = installed("o2", "_gone_fast");
+    let (p, site, (start, end), original) = installed("o2", "_gone_fast");
     p.set_fast_path(site.entry(), Some(site.original())).unwrap();
     p.set_fast_path(site.entry(), None).unwrap();
     p.set_fast_path(site.entry(), Some(Version(site.original().0)))
         .unwrap();
     let fill = vec![0x5a; (end - start) as usize];
     squat(start, end, &fill);
-    let e = p.set_fast_path(site.entry(), None).unwrap_err();
-    assert_refused(e, site.entry());
-    assert_eq!(bytes(start, end - start), fill, "bytes changed");
+    let e = p.set_fast_path(site.entry(), None);
+    let after = bytes(start, end - start);
+    restore(start, end, &original);
+    assert_eq!(after, fill, "bytes changed");
+    assert_refused(e.unwrap_err(), site.entry());
 }

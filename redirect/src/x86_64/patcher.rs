@@ -516,7 +516,8 @@ impl Patcher {
 
     /// Points the site's entry straight at `version` (the zero-check fast path), or back at
     /// the stub with `None`. The site must be steady at `version`; call this with `None`
-    /// before beginning a transition on the site.
+    /// before beginning a transition on the site. Refuses with [`Error::SiteChanged`],
+    /// writing nothing, when the bytes at the site are no longer a jump kgpatch wrote.
     pub fn set_fast_path(&self, entry: u64, version: Option<Version>) -> Result<()> {
         let inner = self.lock();
         let rec = inner
@@ -531,6 +532,8 @@ impl Patcher {
                 });
             }
         }
+        // Never a blind write: the site must still hold a jump of ours.
+        let current = self.check_own_jump(rec)?;
         let at = rec.analysis.pad_jump.unwrap_or(rec.analysis.patch_point);
         let target = version.map_or(rec.handle.stub, |v| v.0);
         let bytes = match encode::jmp32(at, target) {
@@ -546,20 +549,71 @@ impl Patcher {
                     .ok_or(Error::NoMemoryNearSite { site: at })?
             }
         };
-        let current = self.writer.read(at, 5).map_err(|source| Error::Os {
-            call: "pread(/proc/self/mem)",
-            doing: "reading a patch site",
-            source,
-        })?;
         if current[..] == bytes[..] {
             return Ok(());
         }
         self.writer.rewrite(at, current[0], &bytes, || Ok(()))
     }
 
+    fn read_site(&self, at: u64, len: usize) -> Result<Vec<u8>> {
+        self.writer.read(at, len).map_err(|source| Error::Os {
+            call: "pread(/proc/self/mem)",
+            doing: "reading a patch site",
+            source,
+        })
+    }
+
+    /// Checks that the site of `rec` still holds a jump kgpatch wrote: at the jump's place
+    /// (the patch point, or the pad) a `jmp rel32` to the stub, to the fast-path thunk, or
+    /// straight to the version the site is steady at; with a pad, the entry's `jmp rel8` to
+    /// the pad. Returns the 5 bytes of the jump. Anything else means the code was unloaded
+    /// and something else mapped there, or it was loaded again with its original bytes:
+    /// [`Error::SiteChanged`], and the caller writes nothing.
+    fn check_own_jump(&self, rec: &Record) -> Result<Vec<u8>> {
+        let a = &rec.analysis;
+        let entry = a.entry;
+        let at = a.pad_jump.unwrap_or(a.patch_point);
+        let current = self.read_site(at, JMP32_LEN)?;
+        let steady = rec.handle.site.steady_version().map(|v| v.0);
+        let ours = [
+            Some(rec.handle.stub),
+            Some(rec.slot.code + memory::THUNK),
+            steady,
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|target| encode::jmp32(at, target))
+        .any(|jump| current[..] == jump[..]);
+        if !ours {
+            return Err(Error::SiteChanged {
+                entry,
+                at,
+                found: current,
+            });
+        }
+        if let Some(j) = a.pad_jump {
+            let p = a.patch_point;
+            let short = self.read_site(p, a.jump_len)?;
+            if encode::jmp8(p, j).is_none_or(|jump| short[..] != jump[..]) {
+                return Err(Error::SiteChanged {
+                    entry,
+                    at: p,
+                    found: short,
+                });
+            }
+        }
+        Ok(current)
+    }
+
     /// Removes the site at `entry`, restoring the function's original bytes exactly. The site
     /// must be steady at its original version. Its memory is reclaimed later by
     /// [`Patcher::reclaim`].
+    ///
+    /// Refuses with [`Error::SiteChanged`], writing nothing, when the bytes at the site are
+    /// no longer kgpatch's jump (the code was unloaded and something else mapped there, or
+    /// it was loaded again): the saved originals are written only over the jump they
+    /// replaced. The check and the write are made under the patcher's lock; a program that
+    /// unmaps the code in the microseconds between them races with its own threads too.
     pub fn remove(&self, entry: u64) -> Result<()> {
         let mut inner = self.lock();
         let rec = inner
@@ -572,27 +626,23 @@ impl Patcher {
                 what: "is not steady at its original version: revert its patches first",
             });
         }
+        // Never a blind write: the originals go back only over a jump of ours.
+        let jump = self.check_own_jump(rec)?;
         let a = &rec.analysis;
         let p = a.patch_point;
-        let current = self
-            .writer
-            .read(p, a.jump_len)
-            .map_err(|source| Error::Os {
-                call: "pread(/proc/self/mem)",
-                doing: "reading a patch site",
-                source,
-            })?;
-        self.writer
-            .rewrite(p, current[0], &a.original[..a.jump_len], || Ok(()))?;
-        if let Some(j) = a.pad_jump {
-            let current = self.writer.read(j, JMP32_LEN).map_err(|source| Error::Os {
-                call: "pread(/proc/self/mem)",
-                doing: "reading a patch site",
-                source,
-            })?;
-            self.writer
-                .rewrite(j, current[0], &a.pad_original, || Ok(()))?;
-            trap::register(j, 0)?;
+        match a.pad_jump {
+            Some(j) => {
+                // The entry's short jump first (threads then run the original entry), then
+                // the pad, which nothing reaches any more.
+                let entry_now = self.read_site(p, a.jump_len)?;
+                self.writer
+                    .rewrite(p, entry_now[0], &a.original[..a.jump_len], || Ok(()))?;
+                self.writer.rewrite(j, jump[0], &a.pad_original, || Ok(()))?;
+                trap::register(j, 0)?;
+            }
+            None => self
+                .writer
+                .rewrite(p, jump[0], &a.original[..a.jump_len], || Ok(()))?,
         }
         trap::register(p, 0)?;
         let rec = inner.sites.remove(&entry).expect("checked above");
