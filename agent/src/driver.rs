@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kgpatch_kmod::{Loaded, ResolveOptions};
+use kgpatch_kmod::{Loaded, ModuleFile, Pin, ResolveOptions};
 use kgpatch_redirect::{sweep, PadHint, Patcher, PatcherConfig, SiteHandle, Sweep};
 use kgpatch_stackcheck::{BusyRange, BusyRanges, UnreliableReason, UnwindIndex};
 use kgpatch_universe::{
@@ -19,8 +19,8 @@ use crate::migrate::{
     self, MigrationContext, GATE, NO_STACK_MAPPING, OUR_CODE, REGISTRY_FULL, SHORT_OF_STACK,
 };
 use crate::protocol::{
-    BlockerInfo, FunctionInfo, Kind, OnTimeout, Outcome, OutcomeKind, PatchInfo, Status,
-    ThreadInfo, TransitionInfo,
+    BlockerInfo, ErrorKind, FunctionInfo, Kind, OnTimeout, Outcome, OutcomeKind, PatchInfo,
+    PinnedInfo, RetiredInfo, Status, ThreadInfo, TransitionInfo,
 };
 use crate::registry;
 use crate::stacks::StackMap;
@@ -38,6 +38,29 @@ struct Module {
     path: PathBuf,
     /// Per replaced function: name, old entry, new entry, the new function's code range.
     functions: Vec<(String, u64, u64, (u64, u64))>,
+    /// The target library, pinned for as long as the module is mapped when the module's
+    /// code refers to it (reference slots): a retired module's code may still be called.
+    target_pin: Option<Pin>,
+    /// The module file's identity when it was opened, to tell a rebuilt file from the one
+    /// a retired module was loaded from.
+    stamp: Option<FileStamp>,
+}
+
+/// A module file's device, inode, size and modification time.
+type FileStamp = (u64, u64, u64, i64, i64);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// A module no longer applied (reverted, or its apply reversed), kept mapped: the program
+/// may still hold pointers into it (module lifetime, ARCHITECTURE.md).
+struct Retired {
+    module: Module,
+    retired_by: u64,
+    how: &'static str,
 }
 
 impl Module {
@@ -58,6 +81,7 @@ impl Module {
                     new: *new,
                 })
                 .collect(),
+            mapped_bytes: self.loaded.mapped_bytes(),
         }
     }
 }
@@ -91,6 +115,12 @@ pub struct Driver {
     universe: Universe<&'static Site, &'static Gate>,
     /// Applied modules, parallel to the universe's patch stack.
     modules: Vec<Module>,
+    /// Modules no longer applied, still mapped (until `unload`).
+    retired: Vec<Retired>,
+    /// References to libraries that hold a site, by site entry.
+    pins: Vec<(u64, Pin)>,
+    /// Pins of removed sites, released once no stub or trampoline of the site remains.
+    unpinning: Vec<(u64, Pin)>,
     /// Installed sites, by entry.
     sites: Vec<SiteHandle>,
     /// Functions' code ranges, by entry: (entry, end).
@@ -133,6 +163,9 @@ impl Driver {
             migration,
             universe: Universe::new(&GATE),
             modules: Vec::new(),
+            retired: Vec::new(),
+            pins: Vec::new(),
+            unpinning: Vec::new(),
             sites: Vec::new(),
             bodies: Vec::new(),
             index: None,
@@ -161,16 +194,91 @@ impl Driver {
     ) -> Result<(u64, String), AgentError> {
         let _span = info_span!("apply", module = %path.display()).entered();
         self.ensure_idle()?;
-        let mut loaded = open_module(path)?;
+        // A module applied again after its revert is the mapping kept for it.
+        let reused = self.take_retired(path)?;
+        let (mut loaded, parts, back) = match reused {
+            Some(r) => {
+                let m = r.module;
+                (m.loaded, (m.target_pin, m.stamp), Some((r.retired_by, r.how)))
+            }
+            None => {
+                let loaded = open_module(path)?;
+                (loaded, (None, file_stamp(path)), None)
+            }
+        };
         let result = self.apply_loaded(&mut loaded);
         match result {
-            Ok(plan) => self.begin_apply(loaded, path, plan, opts),
+            Ok(plan) => self.begin_apply(loaded, parts, path, plan, opts),
             Err(e) => {
-                // No site points into the module: nothing was installed for it.
-                unload(loaded);
+                match back {
+                    // It stays retired, as it was.
+                    Some((retired_by, how)) => self.retired.push(Retired {
+                        module: Module {
+                            loaded,
+                            path: path.to_owned(),
+                            functions: Vec::new(),
+                            target_pin: parts.0,
+                            stamp: parts.1,
+                        },
+                        retired_by,
+                        how,
+                    }),
+                    // No site points into the module, none of its replacement code ever
+                    // ran: only its initialisers (and a pre-apply callback that refused,
+                    // which must leave nothing behind, PATCH-AUTHORING.md).
+                    None => unload(loaded),
+                }
                 Err(e)
             }
         }
+    }
+
+    /// The retired module kept for the module file at `path`, taken out of the retired
+    /// list to be applied again; `None` when there is none. Refused when a retired module
+    /// has the same patch name but another file, or the file changed since it was loaded:
+    /// two mappings of one patch would be ambiguous, and applying the old mapping would
+    /// run code that is not the file's.
+    fn take_retired(&mut self, path: &Path) -> Result<Option<Retired>, AgentError> {
+        if self.retired.is_empty() {
+            return Ok(None);
+        }
+        let file = ModuleFile::read(path)?;
+        let name = &file.manifest.name;
+        let Some(i) = self
+            .retired
+            .iter()
+            .position(|r| r.module.path == path || r.module.loaded.manifest().name == *name)
+        else {
+            return Ok(None);
+        };
+        let r = &self.retired[i];
+        let kept = r.module.loaded.module();
+        let old_name = &kept.manifest.name;
+        if r.module.path != path || old_name != name {
+            return Err(AgentError::Refused {
+                kind: ErrorKind::BadModule,
+                message: format!(
+                    "a reverted module `{old_name}` from {} is still mapped (the program may still point into it), so `{name}` from {} cannot be loaded beside it: give the new module another patch name and file name, or apply {} again",
+                    r.module.path.display(),
+                    path.display(),
+                    r.module.path.display()
+                ),
+            });
+        }
+        let same = kept.section_bytes == file.section_bytes
+            && kept.build_id == file.build_id
+            && r.module.stamp.is_some()
+            && r.module.stamp == file_stamp(path);
+        if !same {
+            return Err(AgentError::Refused {
+                kind: ErrorKind::BadModule,
+                message: format!(
+                    "{} changed since it was loaded, and its reverted copy is still mapped (the program may still point into it): build the new version under another file name and patch name, or apply the file as it was",
+                    path.display()
+                ),
+            });
+        }
+        Ok(Some(self.retired.remove(i)))
     }
 
     fn apply_loaded(&mut self, loaded: &mut Loaded) -> Result<ApplyPlan, AgentError> {
@@ -224,11 +332,12 @@ impl Driver {
     fn begin_apply(
         &mut self,
         loaded: Loaded,
+        (target_pin, stamp): (Option<Pin>, Option<FileStamp>),
         path: &Path,
         plan: ApplyPlan,
         opts: TransitionOptions,
     ) -> Result<(u64, String), AgentError> {
-        let module = Module {
+        let mut module = Module {
             loaded,
             path: path.to_owned(),
             functions: plan
@@ -236,19 +345,52 @@ impl Driver {
                 .iter()
                 .map(|f| (f.0.clone(), f.1, f.2, f.3))
                 .collect(),
+            target_pin,
+            stamp,
         };
         let undo = |me: &mut Driver, installed: &[SiteHandle], module: Module, e: AgentError| {
             for h in installed {
-                let _ = me.patcher.remove(h.entry());
-                me.sites.retain(|s| s.entry() != h.entry());
-                me.bodies.retain(|b| b.0 != h.entry());
+                if me.patcher.remove(h.entry()).is_ok() {
+                    me.sites.retain(|s| s.entry() != h.entry());
+                    me.bodies.retain(|b| b.0 != h.entry());
+                }
             }
+            // Pins taken for sites that are not (or no longer) installed.
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut me.pins)
+                .into_iter()
+                .partition(|(entry, _)| me.patcher.site(*entry).is_none());
+            me.pins = kept;
+            me.unpinning.extend(gone);
             let _ = me.patcher.reclaim();
-            // The sites that pointed at the module's code are removed, and no transition
-            // made a thread run it.
-            unload(module.loaded);
+            me.release_unpinned();
+            // No transition made a thread run the module's replacement code, but its
+            // pre-apply callback ran: keep it mapped, as after a revert.
+            me.retire(module, 0, "apply failed");
             Err(e)
         };
+        // The module's code refers to its target (reference slots): keep the target
+        // loaded for as long as the module is mapped.
+        let refers = module
+            .loaded
+            .resolved()
+            .is_some_and(|r| !r.slots.is_empty());
+        if refers && module.target_pin.is_none() {
+            if let Some(f) = plan.functions.first() {
+                match Pin::object_at(f.1) {
+                    Ok(pin) => module.target_pin = pin,
+                    Err(e) => return undo(self, &[], module, e.into()),
+                }
+            }
+        }
+        // Every library that will hold a site stays loaded while the site exists, whatever
+        // the program dlcloses.
+        for (a, _) in &plan.analyses {
+            match Pin::object_at(a.entry()) {
+                Ok(Some(pin)) => self.pins.push((a.entry(), pin)),
+                Ok(None) => {}
+                Err(e) => return undo(self, &[], module, e.into()),
+            }
+        }
         let mut installed = Vec::new();
         for (a, size) in &plan.analyses {
             match self.patcher.install(a) {
@@ -309,21 +451,33 @@ impl Driver {
             }
         }
         self.ensure_idle()?;
-        if let Some(m) = self.modules.last() {
-            if m.loaded.manifest().name == name {
-                m.loaded.pre_revert()?;
-            }
-        }
+        // Sites go back through their stub first; this checks each still holds kgpatch's
+        // jump (a refusal here leaves everything as it was, and runs no module code).
         for f in self
             .universe
             .patches()
             .last()
+            .filter(|p| p.spec.name == name)
             .map(|p| p.spec.functions.clone())
             .unwrap_or_default()
         {
-            self.patcher.set_fast_path(f.site, None)?;
+            if let Err(e) = self.patcher.set_fast_path(f.site, None) {
+                self.restore_fast_paths();
+                return Err(e.into());
+            }
         }
-        self.prepare_index()?;
+        if let Some(m) = self.modules.last() {
+            if m.loaded.manifest().name == name {
+                if let Err(e) = m.loaded.pre_revert() {
+                    self.restore_fast_paths();
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Err(e) = self.prepare_index() {
+            self.restore_fast_paths();
+            return Err(e);
+        }
         let t = match self.universe.begin_revert(name, 0) {
             Ok(t) => t,
             Err(e) => {
@@ -572,41 +726,66 @@ impl Driver {
         };
         let p = self.pending.take().expect("a transition was pending");
         let elapsed = p.started.elapsed();
+        let mut problems = Vec::new();
+        let name_of = |me: &Driver, entry: u64| {
+            function_name(me.modules.iter().chain(&p.applying), entry)
+        };
         // Every thread runs the steady version: jump straight to it.
         for (entry, v) in &done.steady {
             if let Err(e) = self.patcher.set_fast_path(*entry, Some(*v)) {
                 warn!(entry, error = %e, "fast path not installed; the stub stays");
+                if matches!(e, kgpatch_redirect::Error::SiteChanged { .. }) {
+                    problems.push(format!("`{}`: {e}", name_of(self, *entry)));
+                }
             }
         }
         for (entry, _) in &done.released {
-            if let Err(e) = self.patcher.remove(*entry) {
-                warn!(entry, error = %e, "site not removed");
+            match self.patcher.remove(*entry) {
+                Ok(()) => {
+                    self.sites.retain(|s| s.entry() != *entry);
+                    self.bodies.retain(|b| b.0 != *entry);
+                    // The library may go once no stub or trampoline of the site remains.
+                    while let Some(i) = self.pins.iter().position(|(e, _)| e == entry) {
+                        let pin = self.pins.swap_remove(i);
+                        self.unpinning.push(pin);
+                    }
+                }
+                Err(e) => {
+                    // The site stays (and its library pinned): nothing was written.
+                    warn!(entry, error = %e, "site not removed");
+                    problems.push(format!(
+                        "the original bytes of `{}` were not written back: {e}",
+                        name_of(self, *entry)
+                    ));
+                }
             }
-            self.sites.retain(|s| s.entry() != *entry);
-            self.bodies.retain(|b| b.0 != *entry);
         }
         let _ = self.patcher.reclaim();
+        self.release_unpinned();
         let result = if done.reversed {
             OutcomeKind::Reversed
         } else {
             OutcomeKind::Completed
         };
+        let t = done.transition.t;
         match (p.kind, done.reversed, p.applying) {
             (Kind::Apply, false, Some(module)) => {
                 let _ = module.loaded.post_apply();
                 self.modules.push(module);
             }
             (Kind::Apply, true, Some(module)) => {
-                // The reversed transition left every thread on `from`, its sites are settled
-                // back (removed or on earlier versions) and reclaim swept every thread out of
-                // the stubs: nothing runs or will call the module's code.
-                unload(module.loaded);
+                // The reversed transition left every thread on `from` and no site leads
+                // into the module; but migrated threads ran its code meanwhile and may have
+                // kept pointers into it: it stays mapped.
+                self.retire(module, t, "reversed");
             }
             (Kind::Revert, false, _) => {
                 if let Some(module) = self.modules.pop() {
                     let _ = module.loaded.post_revert();
-                    // The revert completed: nothing runs the module.
-                    unload(module.loaded);
+                    // No thread runs the module's code any more, but the program may still
+                    // point into it (constants, function pointers, callbacks): it stays
+                    // mapped until `kgpatch unload`.
+                    self.retire(module, t, "reverted");
                 }
             }
             _ => {}
@@ -633,8 +812,87 @@ impl Driver {
             elapsed_ms: ms(elapsed),
             elapsed_us: elapsed.as_micros().min(u64::MAX as u128) as u64,
             message,
+            problems,
         });
         true
+    }
+
+    /// Keeps a module that is no longer applied mapped.
+    fn retire(&mut self, module: Module, retired_by: u64, how: &'static str) {
+        info!(
+            patch = %module.loaded.manifest().name,
+            bytes = module.loaded.mapped_bytes(),
+            how,
+            "module retired; it stays mapped"
+        );
+        self.retired.push(Retired {
+            module,
+            retired_by,
+            how,
+        });
+    }
+
+    /// Releases the pins of removed sites whose stubs and trampolines are all reclaimed
+    /// (no thread can be on its way into the library through them).
+    fn release_unpinned(&mut self) {
+        if self.unpinning.is_empty() {
+            return;
+        }
+        let ranges = self.patcher.code_ranges();
+        let (free, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unpinning)
+            .into_iter()
+            .partition(|(entry, _)| !ranges.iter().any(|r| r.entry == *entry));
+        self.unpinning = keep;
+        for (_, pin) in free {
+            release_pin(pin);
+        }
+    }
+
+    /// Unloads (`dlclose`s) the retired module of patch `name`: the separate, explicit step
+    /// after a revert. Refused while the module is applied or any transition is in
+    /// progress. The program may still hold pointers into it; the operator vouches that it
+    /// does not.
+    pub fn unload_module(&mut self, name: &str) -> Result<(String, PathBuf, u64), AgentError> {
+        let _span = info_span!("unload", patch = name).entered();
+        if self.modules.iter().any(|m| m.loaded.manifest().name == name)
+            || self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.patch == name)
+        {
+            return Err(AgentError::Refused {
+                kind: ErrorKind::Busy,
+                message: format!(
+                    "patch `{name}` is applied or in a transition; revert it first (`kgpatch revert`), then unload its module"
+                ),
+            });
+        }
+        self.ensure_idle()?;
+        let Some(i) = self
+            .retired
+            .iter()
+            .position(|r| r.module.loaded.manifest().name == name)
+        else {
+            return Err(AgentError::Refused {
+                kind: ErrorKind::NoSuchPatch,
+                message: format!(
+                    "no reverted module of patch `{name}` is mapped (`kgpatch status` lists them)"
+                ),
+            });
+        };
+        let r = self.retired.remove(i);
+        let bytes = r.module.loaded.mapped_bytes();
+        let path = r.module.path.clone();
+        warn!(patch = name, bytes, "unloading a retired module on request");
+        // No site leads into it (its patch is off the stack, the transition that took it
+        // out completed), and the operator asked for it: the program's pointers into it
+        // are the operator's responsibility (`kgpatch unload --help`).
+        unload(r.module.loaded);
+        if let Some(pin) = r.module.target_pin {
+            release_pin(pin);
+        }
+        // Its unwind tables are gone: the next transition rebuilds the index.
+        Ok((name.to_string(), path, bytes))
     }
 
     /// What `kgpatch status` shows.
@@ -703,7 +961,61 @@ impl Driver {
             handler: crate::timing::HANDLER.snapshot(),
             halted: crate::timing::HALTED.snapshot(),
             unwind_index_bytes: self.index.as_ref().map_or(0, |i| i.heap_bytes() as u64),
+            retired: self
+                .retired
+                .iter()
+                .map(|r| {
+                    let m = r.module.loaded.manifest();
+                    RetiredInfo {
+                        name: m.name.clone(),
+                        version: m.version.clone(),
+                        module: r.module.path.clone(),
+                        mapped_bytes: r.module.loaded.mapped_bytes(),
+                        retired_by: r.retired_by,
+                        how: r.how.to_string(),
+                    }
+                })
+                .collect(),
+            pinned: self.pinned(),
         }
+    }
+
+    /// The libraries kgpatch keeps loaded, and why.
+    fn pinned(&self) -> Vec<PinnedInfo> {
+        let mut out: Vec<PinnedInfo> = Vec::new();
+        let mut at = |library: &Path| -> usize {
+            match out.iter().position(|p| p.library == library) {
+                Some(i) => i,
+                None => {
+                    out.push(PinnedInfo {
+                        library: library.to_owned(),
+                        sites: Vec::new(),
+                        modules: Vec::new(),
+                    });
+                    out.len() - 1
+                }
+            }
+        };
+        let mut sites = Vec::new();
+        for (entry, pin) in self.pins.iter().chain(&self.unpinning) {
+            sites.push((at(pin.name()), *entry));
+        }
+        let mut modules = Vec::new();
+        let applied = self.modules.iter();
+        let applying = self.pending.iter().filter_map(|p| p.applying.as_ref());
+        let retired = self.retired.iter().map(|r| &r.module);
+        for m in applied.chain(applying).chain(retired) {
+            if let Some(pin) = &m.target_pin {
+                modules.push((at(pin.name()), m.loaded.manifest().name.clone()));
+            }
+        }
+        for (i, entry) in sites {
+            out[i].sites.push(entry);
+        }
+        for (i, name) in modules {
+            out[i].modules.push(name);
+        }
+        out
     }
 }
 
@@ -725,12 +1037,24 @@ fn open_module(path: &Path) -> Result<Loaded, AgentError> {
 }
 
 /// Unloads a module. The caller has made sure no thread runs, or will call, its code: no
-/// site points into it, and every thread was seen outside its functions.
+/// site points into it, and either none of its replacement code ever ran (a refused apply)
+/// or the operator asked for it (`kgpatch unload`).
 #[allow(unsafe_code)]
 fn unload(module: Loaded) {
     // SAFETY: the caller's guarantee above is `Loaded::close`'s contract.
     if let Err(e) = unsafe { module.close() } {
         warn!(error = %e, "module not unloaded");
+    }
+}
+
+/// Releases a library pin.
+#[allow(unsafe_code)]
+fn release_pin(pin: Pin) {
+    // SAFETY: callers release a site's pin only once the site is removed and its stub and
+    // trampoline are reclaimed, and a module's target pin only when the module is unloaded:
+    // nothing of kgpatch leads into the library any more.
+    if let Err(e) = unsafe { pin.release() } {
+        warn!(error = %e, "library pin not released");
     }
 }
 

@@ -38,6 +38,14 @@ pub enum AgentError {
         /// The error.
         source: std::io::Error,
     },
+    /// A request about module lifetime (apply over a retired module, unload) was refused.
+    #[error("{message}")]
+    Refused {
+        /// Its classification.
+        kind: ErrorKind,
+        /// One sentence: what is wrong and what to do.
+        message: String,
+    },
 }
 
 impl AgentError {
@@ -56,6 +64,7 @@ impl AgentError {
             AgentError::Redirect(_) | AgentError::Unwind(_) | AgentError::Os { .. } => {
                 ErrorKind::Internal
             }
+            AgentError::Refused { kind, .. } => *kind,
         }
     }
 }

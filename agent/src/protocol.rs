@@ -70,6 +70,13 @@ pub enum Request {
     Status,
     /// Migrate the remaining threads without a stack check.
     Force,
+    /// Unmap a reverted patch module (`dlclose`). Dangerous: the program may still hold
+    /// pointers into it (string constants, function pointers, callbacks it registered).
+    /// Refused while the module is applied or a transition is in progress.
+    Unload {
+        /// The module's patch name.
+        patch: String,
+    },
 }
 
 /// Responses of the agent.
@@ -98,6 +105,15 @@ pub enum Response {
     },
     /// The state of the agent.
     Status(Box<Status>),
+    /// A reverted module was unloaded.
+    Unloaded {
+        /// Its patch name.
+        patch: String,
+        /// Its file.
+        module: PathBuf,
+        /// Bytes it mapped.
+        mapped_bytes: u64,
+    },
     /// The request was refused or failed; nothing changed unless the message says so.
     Error {
         /// A stable classification for scripts.
@@ -161,6 +177,43 @@ pub struct Status {
     /// Heap bytes of the unwind index (0 before the first transition).
     #[serde(default)]
     pub unwind_index_bytes: u64,
+    /// Patch modules no longer applied that stay mapped (reverted, or whose apply was
+    /// reversed): the program may still point into them. `kgpatch unload` unmaps one.
+    #[serde(default)]
+    pub retired: Vec<RetiredInfo>,
+    /// Libraries kgpatch keeps loaded because they hold patch sites (a program's `dlclose`
+    /// does not unmap them until the sites are gone).
+    #[serde(default)]
+    pub pinned: Vec<PinnedInfo>,
+}
+
+/// A patch module that is no longer applied and stays mapped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredInfo {
+    /// Its patch name.
+    pub name: String,
+    /// Its version string.
+    pub version: String,
+    /// The module file.
+    pub module: PathBuf,
+    /// Bytes it maps (its `PT_LOAD` segments, in whole pages).
+    pub mapped_bytes: u64,
+    /// The transition that took it out.
+    pub retired_by: u64,
+    /// How: `reverted`, `reversed` (its apply was turned around) or `apply failed`.
+    pub how: String,
+}
+
+/// A library kgpatch keeps loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedInfo {
+    /// The loader's name of the library.
+    pub library: PathBuf,
+    /// Patch sites in it (their function entries), or empty when a module refers to it.
+    pub sites: Vec<u64>,
+    /// Patch modules whose code refers to it (reference slots), applied or retired.
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 /// An applied patch.
@@ -178,6 +231,9 @@ pub struct PatchInfo {
     pub applied_by: u64,
     /// The functions it replaces.
     pub functions: Vec<FunctionInfo>,
+    /// Bytes the module maps (its `PT_LOAD` segments, in whole pages).
+    #[serde(default)]
+    pub mapped_bytes: u64,
 }
 
 /// One replaced function.
@@ -271,6 +327,10 @@ pub struct Outcome {
     pub elapsed_us: u64,
     /// A sentence for a human.
     pub message: String,
+    /// What went wrong after every thread had moved (one sentence each): e.g. a site whose
+    /// bytes were no longer kgpatch's jump, so its original bytes were not written back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// How a transition ended.

@@ -219,6 +219,14 @@ fn handle(req: Request, driver: &mut Driver) -> Response {
             }
             Err(e) => failed(e),
         },
+        Request::Unload { patch } => match driver.unload_module(&patch) {
+            Ok((patch, module, mapped_bytes)) => Response::Unloaded {
+                patch,
+                module,
+                mapped_bytes,
+            },
+            Err(e) => failed(e),
+        },
     }
 }
 

@@ -4,7 +4,8 @@
 //! **Must not touch:** the target process other than through the agent's socket.
 //!
 //! Exit codes: 0 success (with `--no-wait`: the transition began); 1 the agent refused or the
-//! operation failed (the target is as it was); 2 bad usage; 3 the process or its agent cannot
+//! operation failed (the target is as it was), or a transition completed but a site's bytes
+//! could not be written back (each problem is printed); 2 bad usage; 3 the process or its agent cannot
 //! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
 //! it pending at its deadline).
 
@@ -97,6 +98,20 @@ enum Command {
     Force {
         /// The process.
         pid: u32,
+    },
+    /// DANGEROUS: unmap a reverted patch module. The program may still hold pointers into
+    /// it (string constants, function pointers, callbacks the module's code registered);
+    /// using one afterwards crashes the process.
+    ///
+    /// A reverted module stays mapped by default (`kgpatch status` lists it with its size),
+    /// as Linux livepatch modules stay loaded until unloaded on purpose. Unload it only when
+    /// you know the program keeps nothing of it. Refused while the patch is applied or any
+    /// transition is in progress.
+    Unload {
+        /// The process.
+        pid: u32,
+        /// The patch's name (see `kgpatch status`, "reverted modules still mapped").
+        patch: String,
     },
     /// List processes that run a kgpatch agent.
     Ps,
@@ -234,6 +249,20 @@ fn run(cli: Cli) -> Result<u8> {
             Response::Error { kind, message } => Err(refused(kind, message)),
             other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
         },
+        Command::Unload { pid, patch } => {
+            match request(pid, &Request::Unload { patch })? {
+                Response::Unloaded {
+                    patch,
+                    module,
+                    mapped_bytes,
+                } => {
+                    eprintln!("kgpatch: WARNING: module of patch {patch} ({}, {mapped_bytes} bytes) unmapped: any pointer the program still holds into it now crashes the process", module.display());
+                    Ok(0)
+                }
+                Response::Error { kind, message } => Err(refused(kind, message)),
+                other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+            }
+        }
         Command::Ps => {
             ps();
             Ok(0)
@@ -375,7 +404,12 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
                         if !json {
                             println!("{}", render::outcome(&o));
                         }
+                        for p in &o.problems {
+                            eprintln!("kgpatch: {p}");
+                        }
                         Ok(match o.result {
+                            // Every thread moved, but something could not be written back.
+                            _ if !o.problems.is_empty() => EXIT_FAILED,
                             OutcomeKind::Completed => 0,
                             OutcomeKind::Reversed => EXIT_INCOMPLETE,
                         })

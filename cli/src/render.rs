@@ -27,7 +27,12 @@ pub fn patches(s: &Status) -> String {
             p.applied_by,
             p.description
         );
-        let _ = writeln!(out, "   module {}", p.module.display());
+        let _ = writeln!(
+            out,
+            "   module {} ({} bytes mapped)",
+            p.module.display(),
+            p.mapped_bytes
+        );
         for f in &p.functions {
             let _ = writeln!(out, "   {} at {:#x} -> {:#x}", f.name, f.old, f.new);
         }
@@ -115,10 +120,53 @@ pub fn outcome(o: &Outcome) -> String {
     )
 }
 
+/// Modules no longer applied that stay mapped, and the libraries kgpatch keeps loaded.
+pub fn mapped(s: &Status) -> String {
+    let mut out = String::new();
+    if !s.retired.is_empty() {
+        let total: u64 = s.retired.iter().map(|r| r.mapped_bytes).sum();
+        let _ = writeln!(
+            out,
+            "reverted modules still mapped ({total} bytes; the program may still point into them; `kgpatch unload` unmaps one):"
+        );
+        for r in &s.retired {
+            let _ = writeln!(
+                out,
+                "   {} {} ({}, transition {}) {} bytes, module {}",
+                r.name,
+                r.version,
+                r.how,
+                r.retired_by,
+                r.mapped_bytes,
+                r.module.display()
+            );
+        }
+    }
+    if !s.pinned.is_empty() {
+        let _ = writeln!(
+            out,
+            "libraries kept loaded by kgpatch (a dlclose does not unmap them while patched):"
+        );
+        for p in &s.pinned {
+            let sites: Vec<String> = p.sites.iter().map(|e| format!("{e:#x}")).collect();
+            let mut why = Vec::new();
+            if !sites.is_empty() {
+                why.push(format!("sites at {}", sites.join(", ")));
+            }
+            if !p.modules.is_empty() {
+                why.push(format!("referred to by {}", p.modules.join(", ")));
+            }
+            let _ = writeln!(out, "   {} ({})", p.library.display(), why.join("; "));
+        }
+    }
+    out
+}
+
 /// The whole status.
 pub fn status(s: &Status) -> String {
     let mut out = format!("process {} (agent {})\n", s.pid, s.agent_version);
     out.push_str(&patches(s));
+    out.push_str(&mapped(s));
     match &s.transition {
         Some(t) => out.push_str(&transition(t)),
         None => out.push_str("no transition in progress\n"),

@@ -62,6 +62,15 @@ fn module_constants_stay_valid_after_revert() {
     assert!(s["new"] > 0 && s["sticky"] == 1, "the patch never ran: {s:?}");
     let st = t.status();
     assert!(st.patches.is_empty(), "{st:#?}");
+    // One mapping, reused by every apply, listed with its size.
+    assert_eq!(st.retired.len(), 1, "{st:#?}");
+    let r = &st.retired[0];
+    assert_eq!((r.name.as_str(), r.how.as_str()), ("fix-strings", "reverted"));
+    assert!(r.mapped_bytes >= 4096, "{r:?}");
+    assert!(maps_file(t.pid(), &fix), "the reverted module is not mapped");
+    let human = t.kg(&["status", &t.pid_arg()]);
+    human.expect(0, "reverted modules still mapped");
+    assert!(human.stdout.contains("fix-strings"), "{human}");
     t.send("quit");
     t.wait_line("EXITED", Duration::from_secs(20));
     eprintln!("module_constants_stay_valid_after_revert: 200 cycles, 0 crashes, {s:?}");
@@ -170,6 +179,12 @@ fn patched_library_stays_mapped_until_revert() {
     );
     let st = t.status();
     assert_eq!(st.patches.len(), 1, "{st:#?}");
+    assert!(
+        st.pinned.iter().any(|p| p.library.ends_with("libunload.so") && p.sites.len() == 1),
+        "{st:#?}"
+    );
+    t.kg(&["unload", &t.pid_arg(), "fix-unload"])
+        .expect(1, "revert it first");
 
     // The program holds its handle over the revert: its dlclose then unmaps the library.
     expect_completed(&t.revert("fix-unload", "30s"));
@@ -195,6 +210,27 @@ fn patched_library_stays_mapped_until_revert() {
     // Loaded again (anywhere), it runs its own code.
     let f3 = open(&mut t);
     assert_eq!(call(&mut t, 4), OLD_4, "fn {f3:#x} (was {f2:#x})");
+    let st = t.status();
+    assert!(st.pinned.is_empty(), "{st:#?}");
+
+    // The reverted module stays mapped; another file with its patch name is refused.
+    assert_eq!(st.retired.len(), 1, "{st:#?}");
+    assert!(maps_file(t.pid(), &fix));
+    let copy = dir.join("fix-unload-copy.so");
+    std::fs::copy(&fix, &copy).unwrap();
+    t.apply(&copy, "30s").expect(1, "is still mapped");
+    t.kg(&["unload", &t.pid_arg(), "no-such-patch"])
+        .expect(1, "no reverted module");
+    // The explicit, loud unload.
+    t.kg(&["unload", &t.pid_arg(), "fix-unload"])
+        .expect(0, "WARNING");
+    assert!(!maps_file(t.pid(), &fix), "unload left the module mapped");
+    let st = t.status();
+    assert!(st.retired.is_empty(), "{st:#?}");
+    expect_completed(&t.apply(&copy, "30s"));
+    assert_eq!(call(&mut t, 4), NEW_4);
+    expect_completed(&t.revert("fix-unload", "30s"));
+    assert_eq!(call(&mut t, 4), OLD_4);
     assert!(t.alive());
 }
 

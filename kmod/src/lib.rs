@@ -83,7 +83,7 @@ pub use encode::encode_manifest;
 #[cfg(feature = "loader")]
 pub use error::{Candidate, KmodError};
 #[cfg(feature = "loader")]
-pub use live::{loaded_objects, Loaded};
+pub use live::{loaded_objects, Loaded, Pin};
 #[cfg(feature = "loader")]
 pub use manifest::{
     BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target, TargetKind,

@@ -1,5 +1,6 @@
 //! The live process: enumerating loaded objects (`dl_iterate_phdr`), opening a module
-//! (`dlopen(RTLD_NOW | RTLD_LOCAL)`), filling its slots, running its callbacks, closing it.
+//! (`dlopen(RTLD_NOW | RTLD_LOCAL)`), filling its slots, running its callbacks, closing it;
+//! pinning a library that holds patch sites (`dlopen(RTLD_NOLOAD)`, [`Pin`]).
 //!
 //! # Safety
 //! This module holds the crate's OS-facing `unsafe`. Memory is read only inside ranges the
@@ -409,6 +410,21 @@ impl Loaded {
         self.run_void(&self.module.manifest.callbacks.post_revert, "post-revert")
     }
 
+    /// Bytes the module maps: the sum of its `PT_LOAD` segments' `p_memsz`, each widened to
+    /// whole pages as the kernel maps them.
+    pub fn mapped_bytes(&self) -> u64 {
+        // SAFETY: sysconf has no preconditions.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as u64,
+            _ => 4096,
+        };
+        self.module.loads.iter().fold(0u64, |sum, l| {
+            let start = l.vaddr & !(page - 1);
+            let end = l.vaddr.saturating_add(l.memsz).saturating_add(page - 1) & !(page - 1);
+            sum.saturating_add(end.saturating_sub(start))
+        })
+    }
+
     /// Unloads the module (`dlclose`).
     ///
     /// # Safety
@@ -422,6 +438,163 @@ impl Loaded {
         if rc != 0 {
             return Err(KmodError::Dlclose {
                 path: self.module.path.clone(),
+                message: dlerror_message(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What [`Pin::object_at`] looks for: the object with a `PT_LOAD` holding `addr`.
+struct Finder {
+    addr: u64,
+    seen: usize,
+    /// (is the executable, name, bias)
+    found: Option<(bool, CString, u64)>,
+}
+
+unsafe extern "C" fn find_object(
+    info: *mut libc::dl_phdr_info,
+    _size: usize,
+    data: *mut c_void,
+) -> c_int {
+    // SAFETY: `data` is the `&mut Finder` passed by `Pin::object_at`, alive and not
+    // otherwise borrowed for the duration of the call.
+    let finder = unsafe { &mut *data.cast::<Finder>() };
+    // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the callback.
+    let info = unsafe { &*info };
+    let is_main = finder.seen == 0;
+    finder.seen += 1;
+    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+        &[]
+    } else {
+        // SAFETY: as in `collect`: `dlpi_phnum` headers at `dlpi_phdr`, mapped during the
+        // callback.
+        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+    };
+    let holds = phdrs.iter().any(|l| {
+        let start = info.dlpi_addr.wrapping_add(l.p_vaddr);
+        l.p_type == PT_LOAD && finder.addr >= start && finder.addr - start < l.p_memsz
+    });
+    if !holds {
+        return 0;
+    }
+    let name = if info.dlpi_name.is_null() {
+        CString::default()
+    } else {
+        // SAFETY: `dlpi_name` is a NUL-terminated string owned by the loader, valid during
+        // the callback; it is copied at once.
+        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
+    };
+    finder.found = Some((is_main, name, info.dlpi_addr));
+    1
+}
+
+/// A reference to a loaded library, taken with `dlopen(RTLD_NOLOAD | RTLD_NOW)`: while it
+/// is held the library stays mapped even if the program `dlclose`s its own handles (the
+/// loader unmaps an object when its last reference goes). kgpatch pins every library that
+/// holds a patch site, so that patched code cannot be unmapped under its jump.
+#[derive(Debug)]
+pub struct Pin {
+    handle: NonNull<c_void>,
+    name: PathBuf,
+    bias: u64,
+}
+
+// SAFETY: a dlopen handle is process-wide and may be used from any thread.
+unsafe impl Send for Pin {}
+
+impl Pin {
+    /// Pins the object whose loaded segments hold `addr`. `Ok(None)` for the executable,
+    /// which is never unloaded. An address no loaded object holds, or an object that is
+    /// unloaded meanwhile, is an error.
+    pub fn object_at(addr: u64) -> Result<Option<Pin>, KmodError> {
+        let mut finder = Finder {
+            addr,
+            seen: 0,
+            found: None,
+        };
+        // SAFETY: `find_object` matches the callback signature and only uses `data` as the
+        // `Finder` we pass, which outlives the call.
+        unsafe {
+            libc::dl_iterate_phdr(
+                Some(find_object),
+                (&mut finder as *mut Finder).cast::<c_void>(),
+            )
+        };
+        let unloaded = |name: &Path, message: String| KmodError::Dlopen {
+            path: name.to_owned(),
+            message,
+        };
+        let Some((is_main, cname, bias)) = finder.found else {
+            return Err(unloaded(
+                Path::new(&format!("{addr:#x}")),
+                "no loaded object holds this address any more".into(),
+            ));
+        };
+        if is_main {
+            return Ok(None);
+        }
+        let name = PathBuf::from(std::ffi::OsStr::from_bytes(cname.as_bytes()));
+        let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `cname` is NUL-terminated; RTLD_NOLOAD only takes a reference to an
+        // object already loaded: it maps nothing and runs no initialiser.
+        let handle = unsafe { libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        let Some(handle) = NonNull::new(handle) else {
+            return Err(unloaded(
+                &name,
+                format!("it was unloaded before kgpatch could pin it ({})", dlerror_message()),
+            ));
+        };
+        let mut map: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `handle` is a live dlopen handle; RTLD_DI_LINKMAP stores a `struct link_map
+        // *` into the pointer we pass.
+        let rc = unsafe {
+            libc::dlinfo(
+                handle.as_ptr(),
+                libc::RTLD_DI_LINKMAP,
+                (&mut map as *mut *mut c_void).cast::<c_void>(),
+            )
+        };
+        // SAFETY: glibc's `struct link_map` starts with `l_addr`, the load bias; `map` is
+        // valid while the handle is open.
+        let pinned_bias = (rc == 0 && !map.is_null()).then(|| unsafe { map.cast::<u64>().read() });
+        if pinned_bias != Some(bias) {
+            // Another object of that name, loaded after ours went away: not the one we want.
+            // SAFETY: drops the reference RTLD_NOLOAD just took; the object stays as it was.
+            unsafe { libc::dlclose(handle.as_ptr()) };
+            return Err(unloaded(
+                &name,
+                "it was unloaded and loaded again elsewhere before kgpatch could pin it".into(),
+            ));
+        }
+        Ok(Some(Pin { handle, name, bias }))
+    }
+
+    /// The loader's name of the pinned object.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The pinned object's load bias.
+    pub fn bias(&self) -> u64 {
+        self.bias
+    }
+
+    /// Drops the reference. If the program has `dlclose`d the object meanwhile, this was the
+    /// last one: the loader runs its destructors and unmaps it now.
+    ///
+    /// # Safety
+    /// Nothing of kgpatch may still lead into the object: no patch site in it, and no stub
+    /// or trampoline a thread may still run that jumps into it.
+    pub unsafe fn release(self) -> Result<(), KmodError> {
+        let _serial = OPEN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the handle came from dlopen and is closed once (this consumes `self`); the
+        // caller guarantees nothing of ours leads into the object.
+        let rc = unsafe { libc::dlclose(self.handle.as_ptr()) };
+        if rc != 0 {
+            return Err(KmodError::Dlclose {
+                path: self.name,
                 message: dlerror_message(),
             });
         }
