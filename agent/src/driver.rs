@@ -199,7 +199,11 @@ impl Driver {
         let (mut loaded, parts, back) = match reused {
             Some(r) => {
                 let m = r.module;
-                (m.loaded, (m.target_pin, m.stamp), Some((r.retired_by, r.how)))
+                (
+                    m.loaded,
+                    (m.target_pin, m.stamp),
+                    Some((r.retired_by, r.how)),
+                )
             }
             None => {
                 let loaded = open_module(path)?;
@@ -727,9 +731,8 @@ impl Driver {
         let p = self.pending.take().expect("a transition was pending");
         let elapsed = p.started.elapsed();
         let mut problems = Vec::new();
-        let name_of = |me: &Driver, entry: u64| {
-            function_name(me.modules.iter().chain(&p.applying), entry)
-        };
+        let name_of =
+            |me: &Driver, entry: u64| function_name(me.modules.iter().chain(&p.applying), entry);
         // Every thread runs the steady version: jump straight to it.
         for (entry, v) in &done.steady {
             if let Err(e) = self.patcher.set_fast_path(*entry, Some(*v)) {
@@ -854,11 +857,11 @@ impl Driver {
     /// does not.
     pub fn unload_module(&mut self, name: &str) -> Result<(String, PathBuf, u64), AgentError> {
         let _span = info_span!("unload", patch = name).entered();
-        if self.modules.iter().any(|m| m.loaded.manifest().name == name)
-            || self
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.patch == name)
+        if self
+            .modules
+            .iter()
+            .any(|m| m.loaded.manifest().name == name)
+            || self.pending.as_ref().is_some_and(|p| p.patch == name)
         {
             return Err(AgentError::Refused {
                 kind: ErrorKind::Busy,

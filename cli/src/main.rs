@@ -249,20 +249,18 @@ fn run(cli: Cli) -> Result<u8> {
             Response::Error { kind, message } => Err(refused(kind, message)),
             other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
         },
-        Command::Unload { pid, patch } => {
-            match request(pid, &Request::Unload { patch })? {
-                Response::Unloaded {
-                    patch,
-                    module,
-                    mapped_bytes,
-                } => {
-                    eprintln!("kgpatch: WARNING: module of patch {patch} ({}, {mapped_bytes} bytes) unmapped: any pointer the program still holds into it now crashes the process", module.display());
-                    Ok(0)
-                }
-                Response::Error { kind, message } => Err(refused(kind, message)),
-                other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        Command::Unload { pid, patch } => match request(pid, &Request::Unload { patch })? {
+            Response::Unloaded {
+                patch,
+                module,
+                mapped_bytes,
+            } => {
+                eprintln!("kgpatch: WARNING: module of patch {patch} ({}, {mapped_bytes} bytes) unmapped: any pointer the program still holds into it now crashes the process", module.display());
+                Ok(0)
             }
-        }
+            Response::Error { kind, message } => Err(refused(kind, message)),
+            other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        },
         Command::Ps => {
             ps();
             Ok(0)

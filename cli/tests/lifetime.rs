@@ -59,15 +59,24 @@ fn module_constants_stay_valid_after_revert() {
     }
     let s = t.stats();
     assert_eq!(s["bad"], 0, "{s:?}");
-    assert!(s["new"] > 0 && s["sticky"] == 1, "the patch never ran: {s:?}");
+    assert!(
+        s["new"] > 0 && s["sticky"] == 1,
+        "the patch never ran: {s:?}"
+    );
     let st = t.status();
     assert!(st.patches.is_empty(), "{st:#?}");
     // One mapping, reused by every apply, listed with its size.
     assert_eq!(st.retired.len(), 1, "{st:#?}");
     let r = &st.retired[0];
-    assert_eq!((r.name.as_str(), r.how.as_str()), ("fix-strings", "reverted"));
+    assert_eq!(
+        (r.name.as_str(), r.how.as_str()),
+        ("fix-strings", "reverted")
+    );
     assert!(r.mapped_bytes >= 4096, "{r:?}");
-    assert!(maps_file(t.pid(), &fix), "the reverted module is not mapped");
+    assert!(
+        maps_file(t.pid(), &fix),
+        "the reverted module is not mapped"
+    );
     let human = t.kg(&["status", &t.pid_arg()]);
     human.expect(0, "reverted modules still mapped");
     assert!(human.stdout.contains("fix-strings"), "{human}");
@@ -180,7 +189,9 @@ fn patched_library_stays_mapped_until_revert() {
     let st = t.status();
     assert_eq!(st.patches.len(), 1, "{st:#?}");
     assert!(
-        st.pinned.iter().any(|p| p.library.ends_with("libunload.so") && p.sites.len() == 1),
+        st.pinned
+            .iter()
+            .any(|p| p.library.ends_with("libunload.so") && p.sites.len() == 1),
         "{st:#?}"
     );
     t.kg(&["unload", &t.pid_arg(), "fix-unload"])
@@ -249,7 +260,10 @@ fn revert_never_writes_over_foreign_memory() {
     let f = open(&mut t);
     expect_completed(&t.apply(&fix, "30s"));
     assert_eq!(call(&mut t, 4), NEW_4);
-    assert_eq!(ask(&mut t, &format!("squat {f:#x}"), "SQUATTED "), "SQUATTED 1");
+    assert_eq!(
+        ask(&mut t, &format!("squat {f:#x}"), "SQUATTED "),
+        "SQUATTED 1"
+    );
     let before = ask(&mut t, &format!("sum {f:#x}"), "SUM ");
     assert!(before.ends_with("fill=1"), "{before}");
     let r = t.revert("fix-unload", "30s");

@@ -543,7 +543,10 @@ impl Pin {
         let Some(handle) = NonNull::new(handle) else {
             return Err(unloaded(
                 &name,
-                format!("it was unloaded before kgpatch could pin it ({})", dlerror_message()),
+                format!(
+                    "it was unloaded before kgpatch could pin it ({})",
+                    dlerror_message()
+                ),
             ));
         };
         let mut map: *mut c_void = std::ptr::null_mut();

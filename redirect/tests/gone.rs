@@ -113,7 +113,8 @@ fn remove_and_fast_path_refuse_over_reloaded_code() {
 #[test]
 fn fast_path_refuses_over_foreign_memory() {
     let (p, site, (start, end), original) = installed("o2", "_gone_fast");
-    p.set_fast_path(site.entry(), Some(site.original())).unwrap();
+    p.set_fast_path(site.entry(), Some(site.original()))
+        .unwrap();
     p.set_fast_path(site.entry(), None).unwrap();
     p.set_fast_path(site.entry(), Some(Version(site.original().0)))
         .unwrap();

@@ -637,7 +637,8 @@ impl Patcher {
                 let entry_now = self.read_site(p, a.jump_len)?;
                 self.writer
                     .rewrite(p, entry_now[0], &a.original[..a.jump_len], || Ok(()))?;
-                self.writer.rewrite(j, jump[0], &a.pad_original, || Ok(()))?;
+                self.writer
+                    .rewrite(j, jump[0], &a.pad_original, || Ok(()))?;
                 trap::register(j, 0)?;
             }
             None => self
