@@ -46,7 +46,11 @@
 //!    then fill every slot. On any error, no slot was written.
 //! 4. The redirect machinery patches the old functions to the new addresses in
 //!    [`Resolved`]; callbacks run through [`Loaded::pre_apply`] and friends.
-//! 5. After revert, [`Loaded::close`] (`dlclose`).
+//! 5. After revert the agent keeps the module mapped (the program may still point into it);
+//!    [`Loaded::close`] (`dlclose`) is for a refused apply or an explicit unload.
+//!
+//! [`Pin`] keeps a library that holds patch sites loaded (`dlopen(RTLD_NOLOAD)`), whatever
+//! the program `dlclose`s.
 //!
 //! # Features
 //! `loader` (default): everything above. Without it (`default-features = false`) the crate is
