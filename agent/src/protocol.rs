@@ -395,6 +395,22 @@ mod tests {
             decode::<Request>("{\"v\":1,\"op\":\"status\"}").unwrap(),
             Request::Status
         );
+        let unload = Request::Unload {
+            patch: "fix".into(),
+        };
+        assert_eq!(
+            encode(&unload),
+            "{\"v\":1,\"op\":\"unload\",\"patch\":\"fix\"}\n"
+        );
+    }
+
+    #[test]
+    fn older_status_without_lifetime_fields_still_decodes() {
+        let line = "{\"v\":1,\"result\":\"status\",\"pid\":1,\"agent_version\":\"0\",\"patches\":[],\"transition\":null,\"last\":null}";
+        let Response::Status(s) = decode::<Response>(line).unwrap() else {
+            panic!("not a status");
+        };
+        assert!(s.retired.is_empty() && s.pinned.is_empty());
     }
 
     #[test]
