@@ -35,6 +35,7 @@
 mod control;
 mod error;
 mod gate;
+pub mod registry;
 mod site;
 mod sync;
 mod thread;
@@ -46,6 +47,7 @@ pub use control::{
 };
 pub use error::UniverseError;
 pub use gate::{Check, Gate, GateState, Migration};
+pub use registry::{ClaimError, Registry, Slot, SlotKey};
 pub use site::{offsets as site_offsets, select, Site, SiteWords, Version};
 pub use thread::{Blocker, ThreadState};
 pub use word::{Side, STEADY};
