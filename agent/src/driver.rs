@@ -98,7 +98,10 @@ pub struct Driver {
     sites: Vec<SiteHandle>,
     /// Functions' code ranges, by entry: (entry, end).
     bodies: Vec<(u64, u64)>,
+    /// The unwind index of the transition in progress (it pins the objects it covers).
     index: Option<UnwindIndex>,
+    /// Heap bytes of the last index, for status once it is dropped.
+    index_bytes: u64,
     pending: Option<Pending>,
     last: Option<Outcome>,
 }
@@ -139,6 +142,7 @@ impl Driver {
             sites: Vec::new(),
             bodies: Vec::new(),
             index: None,
+            index_bytes: 0,
             pending: None,
             last: None,
         })
@@ -252,7 +256,7 @@ impl Driver {
             }
             let _ = me.patcher.reclaim();
             // No transition runs: the index's pins go with it.
-            me.index = None;
+            me.drop_index();
             // The sites that pointed at the module's code are removed, and no transition
             // made a thread run it.
             unload(module.loaded);
@@ -343,7 +347,7 @@ impl Driver {
             Ok(t) => t,
             Err(e) => {
                 self.restore_fast_paths();
-                self.index = None;
+                self.drop_index();
                 return Err(e.into());
             }
         };
@@ -361,6 +365,14 @@ impl Driver {
             if let Some(v) = self.universe.current_version(h.entry()) {
                 let _ = self.patcher.set_fast_path(h.entry(), Some(v));
             }
+        }
+    }
+
+    /// Drops the unwind index, which releases its pins on every object's unwind data: the
+    /// transition it served is over (or never began).
+    fn drop_index(&mut self) {
+        if let Some(i) = self.index.take() {
+            self.index_bytes = i.heap_bytes() as u64;
         }
     }
 
@@ -666,7 +678,7 @@ impl Driver {
             return true;
         };
         // The index's pins on every object's unwind data are released with it.
-        self.index = None;
+        self.drop_index();
         let elapsed = p.started.elapsed();
         // Every thread runs the steady version: jump straight to it.
         for (entry, v) in &done.steady {
@@ -807,7 +819,10 @@ impl Driver {
             last: self.last.clone(),
             handler: crate::timing::HANDLER.snapshot(),
             halted: crate::timing::HALTED.snapshot(),
-            unwind_index_bytes: self.index.as_ref().map_or(0, |i| i.heap_bytes() as u64),
+            unwind_index_bytes: self
+                .index
+                .as_ref()
+                .map_or(self.index_bytes, |i| i.heap_bytes() as u64),
             agent_failure: None,
         }
     }
