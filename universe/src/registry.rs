@@ -243,6 +243,32 @@ impl<const N: usize> Registry<N> {
         false
     }
 
+    /// The old claim (before issue 10): the tid is published (`LIVE`) before the word is
+    /// adopted. Only in loom builds, so a model can show the models catch it.
+    #[cfg(kgpatch_loom)]
+    #[doc(hidden)]
+    pub fn claim_tid_first_for_tests(&self, tid: u32, word: u64) -> Option<&Slot> {
+        if let Some(s) = self.find(tid) {
+            return Some(s);
+        }
+        let s = self.probe(tid).find(|s| {
+            let k = s.key();
+            k.phase() == FREE && s.cas(k, k.next(tid, LIVE))
+        })?;
+        s.state.adopt(word);
+        Some(s)
+    }
+
+    /// The old release: the slot is freed without its state being reset. Loom builds only.
+    #[cfg(kgpatch_loom)]
+    #[doc(hidden)]
+    pub fn release_without_reset_for_tests(&self, tid: u32) {
+        if let Some(s) = self.find(tid) {
+            let k = s.key();
+            s.cas(k, SlotKey::new(k.generation(), 0, FREE));
+        }
+    }
+
     /// Every `LIVE` slot's key, for [`Registry::reclaim_if_gone`].
     pub fn live(&self) -> impl Iterator<Item = (usize, SlotKey)> + '_ {
         self.slots
