@@ -453,11 +453,12 @@ fn registry_reclaim_never_frees_a_reused_tid() {
         let reg = Arc::new(SmallRegistry::new());
         let kernel = Arc::new(Kernel(loom::sync::atomic::AtomicU64::new(1)));
         reg.claim(TID, 5).unwrap();
+        // A exits without its hook.
+        kernel.set(0);
         let b = {
             let (reg, kernel) = (reg.clone(), kernel.clone());
             thread::spawn(move || {
-                // A exits without its hook; B is born with tid 7 and TLS word 0.
-                kernel.set(0);
+                // B is born with tid 7 and TLS word 0.
                 kernel.set(2);
                 let slot = reg.claim(TID, 0).expect("B gets a slot") as *const Slot as usize;
                 slot
