@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::driver::{Driver, TransitionOptions, DEFAULT_TIMEOUT};
 use crate::error::AgentError;
-use crate::protocol::{self, ErrorKind, Request, Response, Status};
+use crate::protocol::{self, ErrorKind, Request, Response};
 
 /// The runtime directory for processes of `uid`: `$KGPATCH_RUNTIME_DIR`, else
 /// `/tmp/kgpatch-<uid>`.
@@ -199,23 +199,13 @@ fn refusal(why: &str) -> String {
 fn handle_guarded(req: Request, driver: &mut Driver, failure: &mut Option<String>) -> Response {
     if let Some(why) = failure.as_deref() {
         return match req {
-            Request::Status => {
-                let mut status = guarded(|| driver.status()).unwrap_or_else(|_| {
-                    Status {
-                        pid: std::process::id(),
-                        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                        patches: Vec::new(),
-                        transition: None,
-                        last: None,
-                        handler: Default::default(),
-                        halted: Default::default(),
-                        unwind_index_bytes: 0,
-                        agent_failure: None,
-                    }
-                });
-                status.agent_failure = Some(refusal(why));
-                Response::Status(Box::new(status))
-            }
+            Request::Status => match guarded(|| driver.status()) {
+                Ok(mut status) => {
+                    status.agent_failure = Some(refusal(why));
+                    Response::Status(Box::new(status))
+                }
+                Err(_) => error(ErrorKind::Internal, refusal(why)),
+            },
             _ => error(ErrorKind::Internal, refusal(why)),
         };
     }

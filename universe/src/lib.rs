@@ -5,7 +5,8 @@
 //! versions stack), the transition (number `t`, `from`/`to` per site, goal, per-thread
 //! state), the publication order of the site words the redirect stub reads ([`Site`]), the
 //! thread-side operations ([`Gate::migrate`], [`Gate::is_settled_for`],
-//! [`Gate::thread_start`]), reversal, force, completion, and the progress view.
+//! [`Gate::thread_start`]), the thread registry's slot state machine ([`Registry`]), reversal,
+//! force, completion, and the progress view.
 //!
 //! **Must not touch:** anything OS-specific — no signals, no TLS, no machine code, no clock
 //! (times come from the caller). The agent supplies those; this crate only decides.
