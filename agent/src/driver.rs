@@ -525,11 +525,7 @@ impl Driver {
         migrate::quiescent();
         // A listing that fails frees nothing (fail closed), and says why in status.
         let mut listing_error = None;
-        registry::reclaim(|| {
-            live_tids()
-                .map_err(|e| listing_error = Some(e))
-                .ok()
-        });
+        registry::reclaim(|| live_tids().map_err(|e| listing_error = Some(e)).ok());
         if let (Some(e), Some(p)) = (listing_error, self.pending.as_mut()) {
             p.os_error = Some(format!(
                 "listing /proc/self/task failed ({e}); no slot is reclaimed and completion waits"
@@ -757,7 +753,10 @@ impl Driver {
         let transition = self.pending.as_ref().and_then(|p| {
             let (tids, listing_error) = match live_tids() {
                 Ok(t) => (t, None),
-                Err(e) => (Vec::new(), Some(format!("listing /proc/self/task failed ({e})"))),
+                Err(e) => (
+                    Vec::new(),
+                    Some(format!("listing /proc/self/task failed ({e})")),
+                ),
             };
             let states: Vec<_> = tids
                 .iter()
@@ -971,11 +970,8 @@ mod tests {
             // Touching ranges stay apart; empty ones go.
             vec![r(0, 10, 0), r(10, 20, 1), r(5, 5, 2), r(30, 20, 3)],
         ];
-        let expected: Vec<Vec<(u64, u64)>> = vec![
-            vec![(10, 40)],
-            vec![(10, 70)],
-            vec![(0, 10), (10, 20)],
-        ];
+        let expected: Vec<Vec<(u64, u64)>> =
+            vec![vec![(10, 40)], vec![(10, 70)], vec![(0, 10), (10, 20)]];
         for (case, want) in cases.into_iter().zip(expected) {
             let merged = merge_ranges(case.clone());
             let got: Vec<(u64, u64)> = merged.iter().map(|r| (r.start, r.end)).collect();

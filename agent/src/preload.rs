@@ -105,7 +105,7 @@ extern "C" fn start_thread(p: *mut c_void) -> *mut c_void {
     if let Some(key) = exit_key() {
         // SAFETY: a key created by pthread_key_create; any non-null value makes glibc run
         // the destructor when this thread exits.
-        unsafe { libc::pthread_setspecific(key, 1 as *const c_void) };
+        unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<c_void>()) };
     }
     routine(arg)
 }

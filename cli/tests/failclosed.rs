@@ -123,7 +123,10 @@ fn pre_apply_runs_after_every_check_that_can_refuse() {
         &["parked_fn"],
     );
     expect_completed(&t.apply(&good, "10s"));
-    assert!(marker.exists(), "the control module's callback writes the marker");
+    assert!(
+        marker.exists(),
+        "the control module's callback writes the marker"
+    );
 }
 
 /// Proves that threads started under the preload may leave by `pthread_exit` or be
@@ -195,7 +198,10 @@ fn unwind_data_is_pinned_for_the_transition_and_released_after() {
     let fix = fc_patch(&dir, &exe, "fix-fc-pin", &["-DPARKED"], &["parked_fn"]);
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("0").start();
     t.send(&format!("dlopen {}", lib.display()));
-    assert_eq!(t.wait_line("DLOPENED", Duration::from_secs(5)), "DLOPENED 3");
+    assert_eq!(
+        t.wait_line("DLOPENED", Duration::from_secs(5)),
+        "DLOPENED 3"
+    );
     assert!(maps_file(t.pid(), &lib));
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
@@ -206,7 +212,10 @@ fn unwind_data_is_pinned_for_the_transition_and_released_after() {
     );
     wait_busy(&t, tid);
     t.send("dlclose");
-    assert_eq!(t.wait_line("DLCLOSED", Duration::from_secs(5)), "DLCLOSED 0");
+    assert_eq!(
+        t.wait_line("DLCLOSED", Duration::from_secs(5)),
+        "DLCLOSED 0"
+    );
     // Sweeps go on (the parked thread is retried) with the library closed by the program.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -222,7 +231,10 @@ fn unwind_data_is_pinned_for_the_transition_and_released_after() {
     );
     // The library can be opened again and is fresh (its constructor ran again).
     t.send(&format!("dlopen {}", lib.display()));
-    assert_eq!(t.wait_line("DLOPENED", Duration::from_secs(5)), "DLOPENED 3");
+    assert_eq!(
+        t.wait_line("DLOPENED", Duration::from_secs(5)),
+        "DLOPENED 3"
+    );
     assert!(t.alive());
 }
 
@@ -236,7 +248,11 @@ fn a_panic_in_the_agent_is_caught_and_reported() {
     let exe = build_failclosed(&dir);
     let fix = fc_patch(&dir, &exe, "fix-fc-panic", &["-DPARKED"], &["parked_fn"]);
     let mut t = Spawn::new(Path::new("/usr/bin/env"), &dir.runtime_dir())
-        .args(["KGPATCH_TEST_FAULT=panic-in-apply", exe.to_str().unwrap(), "1"])
+        .args([
+            "KGPATCH_TEST_FAULT=panic-in-apply",
+            exe.to_str().unwrap(),
+            "1",
+        ])
         .start();
     let out = t.apply(&fix, "5s");
     assert_ne!(out.code, 0, "{out}");
@@ -251,7 +267,10 @@ fn a_panic_in_the_agent_is_caught_and_reported() {
     assert!(s.patches.is_empty() && s.transition.is_none(), "{s:#?}");
     let again = t.apply(&fix, "5s");
     assert_ne!(again.code, 0);
-    assert!(again.text().contains("refuses further transitions"), "{again}");
+    assert!(
+        again.text().contains("refuses further transitions"),
+        "{again}"
+    );
     let st = t.stats();
     assert_eq!(st["bad"], 0, "{st:?}");
     assert!(t.alive());
@@ -289,7 +308,10 @@ fn thread_churn_with_tid_reuse_during_200_transitions() {
         ms.extend(transition_ms(&r));
         if cycle % 25 == 24 {
             let s = t.stats();
-            assert_eq!(s["bad"], 0, "cycle {cycle}: a request mixed versions: {s:?}");
+            assert_eq!(
+                s["bad"], 0,
+                "cycle {cycle}: a request mixed versions: {s:?}"
+            );
             assert!(s["spawned"] > prev["spawned"], "cycle {cycle}: {s:?}");
             prev = s;
         }

@@ -348,7 +348,8 @@ impl Kernel {
     }
 
     fn set(&self, incarnation: u64) {
-        self.0.store(incarnation, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .store(incarnation, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn get(&self) -> u64 {

@@ -280,7 +280,13 @@ fn pin(name: &str, bias: u64) -> Option<usize> {
     }
     let mut map: *mut libc::c_void = std::ptr::null_mut();
     // SAFETY: `h` is a valid handle; RTLD_DI_LINKMAP stores a `struct link_map *` in `map`.
-    let rc = unsafe { libc::dlinfo(h, libc::RTLD_DI_LINKMAP, (&mut map as *mut *mut libc::c_void).cast()) };
+    let rc = unsafe {
+        libc::dlinfo(
+            h,
+            libc::RTLD_DI_LINKMAP,
+            (&mut map as *mut *mut libc::c_void).cast(),
+        )
+    };
     // SAFETY: a link map starts with `l_addr`, the object's load bias (<link.h>).
     let same = rc == 0 && !map.is_null() && unsafe { *map.cast::<u64>() } == bias;
     if !same {
@@ -507,6 +513,9 @@ mod tests {
         let libc_again = UnwindIndex::build().unwrap();
         assert_eq!(libc_again.pinned(), index.pinned());
         drop(libc_again);
-        assert!(index.is_current(), "dropping an index's pins unloads nothing still used");
+        assert!(
+            index.is_current(),
+            "dropping an index's pins unloads nothing still used"
+        );
     }
 }

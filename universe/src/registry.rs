@@ -64,7 +64,11 @@ impl SlotKey {
     }
 
     fn next(self, tid: u32, phase: u64) -> SlotKey {
-        SlotKey::new((self.generation() + 1) & ((1 << (64 - GEN_SHIFT)) - 1), tid, phase)
+        SlotKey::new(
+            (self.generation() + 1) & ((1 << (64 - GEN_SHIFT)) - 1),
+            tid,
+            phase,
+        )
     }
 
     fn with_phase(self, phase: u64) -> SlotKey {
@@ -123,10 +127,8 @@ impl Slot {
     /// The slot has no owner (phase `RECLAIMING` under `key`): reset it and free it.
     fn finish_free(&self, key: SlotKey) {
         self.state.adopt(0);
-        self.key.store(
-            SlotKey::new(key.generation(), 0, FREE).0,
-            Ordering::Release,
-        );
+        self.key
+            .store(SlotKey::new(key.generation(), 0, FREE).0, Ordering::Release);
     }
 }
 
