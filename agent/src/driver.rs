@@ -102,8 +102,11 @@ struct Pending {
     names: Vec<String>,
     next_sweep: Instant,
     retry: Duration,
-    /// Threads the last sweep found blocking the signal.
+    /// Threads the last sweep found blocking the signal: the driver's own observation, kept
+    /// here (never written into a thread's state, which only the thread writes).
     blocked: Vec<u32>,
+    /// The last OS error that kept the driver from checking every thread, for status.
+    os_error: Option<String>,
     /// Move every thread at once in a rendezvous (the benchmark's baseline).
     stop_the_world: bool,
 }
@@ -125,7 +128,10 @@ pub struct Driver {
     sites: Vec<SiteHandle>,
     /// Functions' code ranges, by entry: (entry, end).
     bodies: Vec<(u64, u64)>,
+    /// The unwind index of the transition in progress (it pins the objects it covers).
     index: Option<UnwindIndex>,
+    /// Heap bytes of the last index, for status once it is dropped.
+    index_bytes: u64,
     pending: Option<Pending>,
     last: Option<Outcome>,
 }
@@ -169,6 +175,7 @@ impl Driver {
             sites: Vec::new(),
             bodies: Vec::new(),
             index: None,
+            index_bytes: 0,
             pending: None,
             last: None,
         })
@@ -194,6 +201,11 @@ impl Driver {
     ) -> Result<(u64, String), AgentError> {
         let _span = info_span!("apply", module = %path.display()).entered();
         self.ensure_idle()?;
+        // A fault the end-to-end tests inject to prove a panic here cannot take the process
+        // down (server.rs catches it); never set in production.
+        if std::env::var_os("KGPATCH_TEST_FAULT").is_some_and(|v| v == "panic-in-apply") {
+            panic!("KGPATCH_TEST_FAULT=panic-in-apply");
+        }
         // A module applied again after its revert is the mapping kept for it.
         let reused = self.take_retired(path)?;
         let (mut loaded, parts, back) = match reused {
@@ -291,7 +303,6 @@ impl Driver {
             return Err(kgpatch_universe::UniverseError::DuplicatePatch(name).into());
         }
         let resolved = loaded.resolve(ResolveOptions::default())?.clone();
-        loaded.pre_apply()?;
         let mut functions = Vec::new();
         for f in &resolved.functions {
             let size = f.new_size;
@@ -367,8 +378,11 @@ impl Driver {
             me.unpinning.extend(gone);
             let _ = me.patcher.reclaim();
             me.release_unpinned();
+            // No transition runs: the index's pins go with it.
+            me.drop_index();
             // No transition made a thread run the module's replacement code, but its
-            // pre-apply callback ran: keep it mapped, as after a revert.
+            // pre-apply callback may have run (or it was applied before): keep it mapped,
+            // as after a revert.
             me.retire(module, 0, "apply failed");
             Err(e)
         };
@@ -394,6 +408,15 @@ impl Driver {
                 Ok(None) => {}
                 Err(e) => return undo(self, &[], module, e.into()),
             }
+        }
+        // Every check that can refuse is done by now (resolution, analysis, the unwind
+        // index): only then does module code run. A refused apply leaves no side effect of
+        // the module's behind.
+        if let Err(e) = self.prepare_index() {
+            return undo(self, &[], module, e);
+        }
+        if let Err(e) = module.loaded.pre_apply() {
+            return undo(self, &[], module, e.into());
         }
         let mut installed = Vec::new();
         for (a, size) in &plan.analyses {
@@ -424,9 +447,6 @@ impl Driver {
                     return undo(self, &installed, module, e.into());
                 }
             }
-        }
-        if let Err(e) = self.prepare_index() {
-            return undo(self, &installed, module, e);
         }
         let mut new_sites: Vec<_> = installed.iter().map(|h| h.new_site()).collect();
         let name = plan.spec.name.clone();
@@ -486,6 +506,7 @@ impl Driver {
             Ok(t) => t,
             Err(e) => {
                 self.restore_fast_paths();
+                self.drop_index();
                 return Err(e.into());
             }
         };
@@ -503,6 +524,14 @@ impl Driver {
             if let Some(v) = self.universe.current_version(h.entry()) {
                 let _ = self.patcher.set_fast_path(h.entry(), Some(v));
             }
+        }
+    }
+
+    /// Drops the unwind index, which releases its pins on every object's unwind data: the
+    /// transition it served is over (or never began).
+    fn drop_index(&mut self) {
+        if let Some(i) = self.index.take() {
+            self.index_bytes = i.heap_bytes() as u64;
         }
     }
 
@@ -526,34 +555,35 @@ impl Driver {
             .or_else(|| self.pending.as_ref()?.applying.as_ref().and_then(in_module))
     }
 
-    fn busy_ranges(&self, side: Side) -> BusyRanges {
+    /// The code a thread must not be in to move to the other side of `side`. `None` when
+    /// no transition is in progress or the ranges cannot be built.
+    fn busy_ranges(&self, side: Side) -> Result<BusyRanges, String> {
         let tr = self
             .universe
             .transition()
-            .expect("a transition is in progress");
+            .ok_or_else(|| "no transition is in progress".to_string())?;
         let mut ranges: Vec<BusyRange> = Vec::new();
-        let mut push = |start: u64, end: u64, id: u32| {
-            // Keep the set disjoint: a range that overlaps one already in is merged into it.
-            if let Some(r) = ranges.iter_mut().find(|r| r.start < end && start < r.end) {
-                r.start = r.start.min(start);
-                r.end = r.end.max(end);
-            } else {
-                ranges.push(BusyRange { start, end, id });
-            }
-        };
         for (i, m) in tr.sites.iter().enumerate() {
             let v = match side {
                 Side::From => m.from,
                 Side::To => m.to,
             };
             if let Some((start, end)) = self.version_range(m.site, v) {
-                push(start, end, i as u32);
+                ranges.push(BusyRange {
+                    start,
+                    end,
+                    id: i as u32,
+                });
             }
         }
         for c in self.patcher.code_ranges() {
-            push(c.start, c.end, OUR_CODE);
+            ranges.push(BusyRange {
+                start: c.start,
+                end: c.end,
+                id: OUR_CODE,
+            });
         }
-        BusyRanges::new(ranges).expect("merged ranges are disjoint and non-empty")
+        BusyRanges::new(merge_ranges(ranges)).map_err(|e| e.to_string())
     }
 
     fn start_pending(
@@ -588,13 +618,30 @@ impl Driver {
             next_sweep: now,
             retry: FIRST_RETRY,
             blocked: Vec::new(),
+            os_error: None,
             stop_the_world: opts.stop_the_world,
         });
-        let leaving_from = self.busy_ranges(Side::From);
-        let leaving_to = self.busy_ranges(Side::To);
-        let p = self.pending.as_mut().expect("just set");
-        p.leaving_from = leaving_from;
-        p.leaving_to = leaving_to;
+        // Ranges that cannot be built fail closed: everything is busy, no thread moves, and
+        // the deadline reverses the transition.
+        let everything = || {
+            BusyRanges::new([BusyRange {
+                start: 0,
+                end: u64::MAX,
+                id: OUR_CODE,
+            }])
+            .unwrap_or_default()
+        };
+        let mut ranges = [Side::From, Side::To].map(|side| match self.busy_ranges(side) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "busy ranges not built; no thread can move");
+                everything()
+            }
+        });
+        if let Some(p) = self.pending.as_mut() {
+            p.leaving_from = std::mem::take(&mut ranges[0]);
+            p.leaving_to = std::mem::take(&mut ranges[1]);
+        }
     }
 
     /// Turns the transition in progress around.
@@ -635,38 +682,78 @@ impl Driver {
         }
         // The agent thread is at a quiescent point here.
         migrate::quiescent();
-        registry::reclaim(live_tids);
+        // A listing that fails frees nothing (fail closed), and says why in status.
+        let mut listing_error = None;
+        registry::reclaim(|| live_tids().map_err(|e| listing_error = Some(e)).ok());
+        if let (Some(e), Some(p)) = (listing_error, self.pending.as_mut()) {
+            p.os_error = Some(format!(
+                "listing /proc/self/task failed ({e}); no slot is reclaimed and completion waits"
+            ));
+        }
         if self.try_finish() {
             return;
         }
         let now = Instant::now();
-        let p = self.pending.as_mut().expect("checked");
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
         if now >= p.deadline && !p.deadline_passed {
             p.deadline_passed = true;
             if p.on_timeout == OnTimeout::Reverse {
                 let _ = self.reverse("deadline passed");
             }
         }
-        let p = self.pending.as_mut().expect("checked");
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
         if now >= p.next_sweep {
             self.sweep();
-            let p = self.pending.as_mut().expect("checked");
+            let Some(p) = self.pending.as_mut() else {
+                return;
+            };
             p.next_sweep = Instant::now() + p.retry;
             p.retry = (p.retry * 2).min(MAX_RETRY);
             self.try_finish();
         }
     }
 
+    /// Records an OS error that keeps the driver from checking every thread.
+    fn note_os_error(&mut self, what: String) {
+        warn!(error = %what, "transition waits on an OS error");
+        if let Some(p) = self.pending.as_mut() {
+            p.os_error = Some(what);
+        }
+    }
+
     fn sweep(&mut self) {
         if !self.index.as_ref().is_some_and(|i| i.is_current()) {
-            if let Ok(i) = UnwindIndex::build() {
-                self.index = Some(i);
+            match UnwindIndex::build() {
+                Ok(i) => self.index = Some(i),
+                Err(e) => self.note_os_error(format!("the unwind index was not rebuilt ({e})")),
             }
         }
+        let stacks = match StackMap::snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                // With no map every walk is unreliable: nobody moves this round.
+                self.note_os_error(format!(
+                    "reading /proc/self/maps failed ({e}); no thread can move this round"
+                ));
+                StackMap::default()
+            }
+        };
+        let tids = match live_tids() {
+            Ok(t) => t,
+            Err(e) => {
+                self.note_os_error(format!(
+                    "listing /proc/self/task failed ({e}); no thread was signalled"
+                ));
+                return;
+            }
+        };
         let (Some(index), Some(p)) = (self.index.as_ref(), self.pending.as_ref()) else {
             return;
         };
-        let stacks = StackMap::snapshot().unwrap_or_default();
         let ctx = MigrationContext {
             index,
             leaving_from: &p.leaving_from,
@@ -684,7 +771,7 @@ impl Driver {
         // Only the threads not yet on the goal side (or never seen) are signalled.
         let me = sweep::gettid();
         let pending: Vec<i32> = match self.universe.transition() {
-            Some(tr) => live_tids()
+            Some(tr) => tids
                 .into_iter()
                 .filter(|&tid| tid as i32 != me)
                 .filter(|&tid| {
@@ -706,18 +793,28 @@ impl Driver {
             ),
             Err(e) => warn!(error = %e, "sweep failed"),
         }
-        if let (Ok(report), Some(p)) = (report, self.pending.as_mut()) {
-            p.blocked = report.blocked.iter().map(|&t| t as u32).collect();
-            for &tid in &p.blocked {
-                if let Some(slot) = registry::find(tid) {
-                    GATE.note_blocked(slot.state(), Blocker::SignalBlocked);
+        match report {
+            // The driver's own table: only the owning thread writes its state.
+            Ok(report) => {
+                if let Some(p) = self.pending.as_mut() {
+                    p.blocked = report.blocked.iter().map(|&t| t as u32).collect();
                 }
             }
+            Err(e) => self.note_os_error(format!("the sweep failed ({e})")),
         }
     }
 
     fn try_finish(&mut self) -> bool {
-        let tids = live_tids();
+        let tids = match live_tids() {
+            Ok(t) => t,
+            Err(e) => {
+                // Fail closed: a thread we cannot list is a thread we cannot check.
+                self.note_os_error(format!(
+                    "listing /proc/self/task failed ({e}); completion waits until every thread can be checked"
+                ));
+                return false;
+            }
+        };
         let mut states = Vec::with_capacity(tids.len());
         for tid in &tids {
             match registry::find(*tid) {
@@ -725,10 +822,18 @@ impl Driver {
                 None => return false,
             }
         }
+        if let Some(p) = self.pending.as_mut() {
+            p.os_error = None;
+        }
         let Some(done) = self.universe.poll(states) else {
             return false;
         };
-        let p = self.pending.take().expect("a transition was pending");
+        let Some(p) = self.pending.take() else {
+            warn!("a transition completed with no pending record");
+            return true;
+        };
+        // The index's pins on every object's unwind data are released with it.
+        self.drop_index();
         let elapsed = p.started.elapsed();
         let mut problems = Vec::new();
         let name_of =
@@ -908,7 +1013,13 @@ impl Driver {
             .map(|(p, m)| m.info(p.applied_by))
             .collect();
         let transition = self.pending.as_ref().and_then(|p| {
-            let tids = live_tids();
+            let (tids, listing_error) = match live_tids() {
+                Ok(t) => (t, None),
+                Err(e) => (
+                    Vec::new(),
+                    Some(format!("listing /proc/self/task failed ({e})")),
+                ),
+            };
             let states: Vec<_> = tids
                 .iter()
                 .filter_map(|&tid| registry::find(tid).map(|s| (tid as u64, s.state())))
@@ -923,7 +1034,12 @@ impl Driver {
                     tid: th.id as u32,
                     name: thread_name(th.id as u32),
                     attempts: th.attempts,
-                    blocker: th.last_blocker.map(|b| describe_blocker(b, &p.names)),
+                    // The driver's observation (the signal stays pending) comes first.
+                    blocker: if p.blocked.contains(&(th.id as u32)) {
+                        Some(BlockerInfo::SignalBlocked)
+                    } else {
+                        th.last_blocker.map(|b| describe_blocker(b, &p.names))
+                    },
                 })
                 .collect();
             // Threads that never reached a handler have no slot yet.
@@ -953,6 +1069,7 @@ impl Driver {
                 migrated: progress.migrated,
                 total: tids.len(),
                 pending,
+                waiting_on_error: p.os_error.clone().or(listing_error),
             })
         });
         Status {
@@ -963,7 +1080,10 @@ impl Driver {
             last: self.last.clone(),
             handler: crate::timing::HANDLER.snapshot(),
             halted: crate::timing::HALTED.snapshot(),
-            unwind_index_bytes: self.index.as_ref().map_or(0, |i| i.heap_bytes() as u64),
+            unwind_index_bytes: self
+                .index
+                .as_ref()
+                .map_or(self.index_bytes, |i| i.heap_bytes() as u64),
             retired: self
                 .retired
                 .iter()
@@ -980,6 +1100,7 @@ impl Driver {
                 })
                 .collect(),
             pinned: self.pinned(),
+            agent_failure: None,
         }
     }
 
@@ -1020,6 +1141,21 @@ impl Driver {
         }
         out
     }
+}
+
+/// `ranges` made disjoint: empty ones dropped, the rest sorted by start and every chain of
+/// overlapping ranges merged into one (it keeps the id of its first range).
+fn merge_ranges(mut ranges: Vec<BusyRange>) -> Vec<BusyRange> {
+    ranges.retain(|r| r.start < r.end);
+    ranges.sort_by_key(|r| (r.start, r.end));
+    let mut merged: Vec<BusyRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start < last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 /// The name of the function at `entry`, as the manifest of one of `modules` gives it.
@@ -1108,15 +1244,71 @@ fn describe_blocker(b: Blocker, names: &[String]) -> BlockerInfo {
     }
 }
 
-/// The living threads of the process.
-pub fn live_tids() -> Vec<u32> {
-    sweep::list_threads()
-        .map(|v| v.into_iter().map(|t| t as u32).collect())
-        .unwrap_or_default()
+/// The living threads of the process, from `/proc/self/task`. Any error — opening the
+/// directory (EMFILE at the fd limit, ENOMEM) or reading one entry — fails the whole listing:
+/// a partial list would let completion skip a thread and reclaim free a living thread's slot.
+pub fn live_tids() -> std::io::Result<Vec<u32>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let entry = entry?;
+        let tid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| std::io::Error::other("an entry of /proc/self/task is not a tid"))?;
+        tids.push(tid);
+    }
+    if tids.is_empty() {
+        return Err(std::io::Error::other("/proc/self/task listed no thread"));
+    }
+    tids.sort_unstable();
+    Ok(tids)
 }
 
 fn thread_name(tid: u32) -> String {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64, id: u32) -> BusyRange {
+        BusyRange { start, end, id }
+    }
+
+    /// Regression (issue 10): merging into the first overlapping range could make it overlap
+    /// another one already in the set, and the `expect` on `BusyRanges::new` panicked the
+    /// agent thread.
+    #[test]
+    fn merge_ranges_handles_overlapping_chains() {
+        let cases: Vec<Vec<BusyRange>> = vec![
+            // c bridges a and b, after both are in.
+            vec![r(10, 20, 0), r(30, 40, 1), r(15, 35, 2)],
+            // A chain of four, pushed out of order, and one inside another.
+            vec![
+                r(50, 60, 0),
+                r(10, 20, 1),
+                r(55, 70, 2),
+                r(19, 51, 3),
+                r(12, 13, 4),
+            ],
+            // Touching ranges stay apart; empty ones go.
+            vec![r(0, 10, 0), r(10, 20, 1), r(5, 5, 2), r(30, 20, 3)],
+        ];
+        let expected: Vec<Vec<(u64, u64)>> =
+            vec![vec![(10, 40)], vec![(10, 70)], vec![(0, 10), (10, 20)]];
+        for (case, want) in cases.into_iter().zip(expected) {
+            let merged = merge_ranges(case.clone());
+            let got: Vec<(u64, u64)> = merged.iter().map(|r| (r.start, r.end)).collect();
+            assert_eq!(got, want, "{case:?}");
+            assert!(BusyRanges::new(merged).is_ok(), "{case:?}");
+            // Every input byte is still busy.
+            for c in case.iter().filter(|c| c.start < c.end) {
+                assert!(got.iter().any(|g| g.0 <= c.start && c.end <= g.1), "{c:?}");
+            }
+        }
+    }
 }

@@ -58,6 +58,10 @@ pub fn start() -> Result<PathBuf, String> {
             let driver = driver::Driver::new().map_err(|e| e.to_string())?;
             let server = server::Server::bind().map_err(|e| e.to_string())?;
             let path = server.path().to_owned();
+            preload::cache_signals(
+                migration_signal(),
+                kgpatch_redirect::PatcherConfig::default().sweep_signal,
+            );
             ACTIVE.store(true, Ordering::Release);
             std::thread::Builder::new()
                 .name("kgpatch-agent".into())

@@ -104,7 +104,8 @@ fn short_of_stack(ctx: &MigrationContext<'_>) -> bool {
 }
 
 fn migrate_interrupted(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
-    let Some(slot) = registry::claim(tid(), current_word()) else {
+    // Full or busy (a claim of this thread that the signal interrupted): retried later.
+    let Ok(slot) = registry::claim(tid(), current_word()) else {
         return;
     };
     let outcome = GATE.migrate(slot.state(), |_, goal| {
@@ -133,7 +134,7 @@ pub fn quiescent() {
 
 #[cold]
 fn quiescent_slow() {
-    let Some(slot) = registry::claim(tid(), current_word()) else {
+    let Ok(slot) = registry::claim(tid(), current_word()) else {
         return;
     };
     if let Migration::Moved(_) | Migration::AlreadyThere =
@@ -146,10 +147,18 @@ fn quiescent_slow() {
 /// A thread that starts, before any of its own code: it enters the goal universe of the
 /// transition in force (it has no frames that could be inside an old function).
 pub fn thread_start() {
-    let Some(slot) = registry::claim(tid(), 0) else {
+    // A new thread's TLS word is 0; a slot left under its tid by an exited thread is taken
+    // over with that word.
+    let Ok(slot) = registry::claim(tid(), current_word()) else {
         return;
     };
-    slot.state().adopt(0);
     GATE.thread_start(slot.state());
     publish_word(slot.state().word());
+}
+
+/// A thread started through the start hook exits (its start routine returned, or it called
+/// `pthread_exit`, or it was cancelled): its registry slot is freed before the kernel can
+/// give its tid to another thread.
+pub fn thread_exit() {
+    registry::release(tid());
 }

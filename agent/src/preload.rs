@@ -9,7 +9,8 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Once;
 
 use crate::migrate;
 
@@ -36,6 +37,7 @@ fn loaded_as_the_agent_library() -> bool {
 }
 
 extern "C" fn on_load() {
+    resolve_real_fns();
     if std::env::var_os("KGPATCH_AGENT").is_some_and(|v| v == "off") {
         return;
     }
@@ -55,8 +57,7 @@ extern "C" fn on_load() {
 static ON_LOAD: extern "C" fn() = on_load;
 
 fn real_pthread_create() -> Option<PthreadCreate> {
-    static REAL: OnceLock<usize> = OnceLock::new();
-    let addr = real_fn(c"pthread_create", &REAL);
+    let addr = real_fn(c"pthread_create", &REAL_PTHREAD_CREATE);
     // SAFETY: a non-null address dlsym gave for `pthread_create` is glibc's function, whose
     // signature `PthreadCreate` is.
     (addr != 0).then(|| unsafe { std::mem::transmute::<usize, PthreadCreate>(addr) })
@@ -67,11 +68,46 @@ struct Start {
     arg: *mut c_void,
 }
 
+/// The pthread key whose destructor frees the registry slot of a hooked thread when it
+/// exits (by return, `pthread_exit` or cancellation: glibc runs key destructors in all
+/// three). 0 until created; `u32::MAX` when it could not be created.
+static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+const NO_KEY: u32 = u32::MAX;
+
+extern "C" fn on_thread_exit(_: *mut c_void) {
+    migrate::thread_exit();
+}
+
+/// The exit key, created by the first hooked thread (user context, never a signal handler).
+fn exit_key() -> Option<libc::pthread_key_t> {
+    static CREATE: Once = Once::new();
+    CREATE.call_once(|| {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-parameter; the destructor has the required signature.
+        let rc = unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) };
+        // Key 0 is a valid pthread key: store key + 1.
+        let stored = if rc == 0 { key.wrapping_add(1) } else { NO_KEY };
+        EXIT_KEY.store(stored, Ordering::Release);
+    });
+    match EXIT_KEY.load(Ordering::Acquire) {
+        0 | NO_KEY => None,
+        k => Some(k - 1),
+    }
+}
+
 extern "C" fn start_thread(p: *mut c_void) -> *mut c_void {
+    // Move the routine and its argument out, and free the box, before anything else: the
+    // routine may leave by `pthread_exit` or cancellation (a forced unwind), which must not
+    // cross this frame with a destructor pending.
     // SAFETY: `p` is the `Box<Start>` that `pthread_create` below leaked for this thread.
-    let start = unsafe { Box::from_raw(p.cast::<Start>()) };
+    let Start { routine, arg } = *unsafe { Box::from_raw(p.cast::<Start>()) };
     migrate::thread_start();
-    (start.routine)(start.arg)
+    if let Some(key) = exit_key() {
+        // SAFETY: a key created by pthread_key_create; any non-null value makes glibc run
+        // the destructor when this thread exits.
+        unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<c_void>()) };
+    }
+    routine(arg)
 }
 
 /// Interposed `pthread_create`: when the agent runs, the new thread first passes the gate
@@ -105,21 +141,44 @@ pub unsafe extern "C" fn pthread_create(
 
 type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
 
-fn real_fn(name: &CStr, cache: &'static OnceLock<usize>) -> usize {
-    *cache.get_or_init(|| {
-        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only reads loader tables.
-        unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
-    })
+/// The address of the next definition of `name` (glibc's), cached in `cache`. Resolved by
+/// the library's constructor (see `on_load`), so the interposers — which a signal handler
+/// may call — normally only load an atomic; a call that comes before the constructor ran
+/// (another library's constructor) resolves it then, in that caller's ordinary context.
+fn real_fn(name: &CStr, cache: &AtomicUsize) -> usize {
+    let addr = cache.load(Ordering::Acquire);
+    if addr != 0 {
+        return addr;
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only reads loader tables.
+    let addr = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize };
+    cache.store(addr, Ordering::Release);
+    addr
 }
 
-/// The signals kgpatch needs delivered: the migration signal, the redirect sweep's signal,
-/// and SIGTRAP (an int3 hit with SIGTRAP blocked kills the process).
-fn ours() -> [c_int; 3] {
-    [
-        crate::migration_signal(),
-        kgpatch_redirect::PatcherConfig::default().sweep_signal,
-        libc::SIGTRAP,
-    ]
+static REAL_PTHREAD_CREATE: AtomicUsize = AtomicUsize::new(0);
+static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves every real function the interposers forward to.
+fn resolve_real_fns() {
+    real_fn(c"pthread_create", &REAL_PTHREAD_CREATE);
+    real_fn(c"pthread_sigmask", &REAL_PTHREAD_SIGMASK);
+    real_fn(c"sigprocmask", &REAL_SIGPROCMASK);
+}
+
+/// The signals kgpatch needs delivered — the migration signal, the redirect sweep's signal,
+/// and SIGTRAP (an int3 hit with SIGTRAP blocked kills the process) — cached by
+/// [`cache_signals`] when the agent starts, so the interposers (async-signal-safe by POSIX)
+/// only load atomics: no environment lookup, no lock, no allocation. 0 = not cached.
+static OURS: [AtomicI32; 3] = [const { AtomicI32::new(0) }; 3];
+
+/// Caches kgpatch's signals for the interposers. Called by `start` before the agent is
+/// marked active.
+pub(crate) fn cache_signals(migration: c_int, sweep: c_int) {
+    for (slot, sig) in OURS.iter().zip([migration, sweep, libc::SIGTRAP]) {
+        slot.store(sig, Ordering::Release);
+    }
 }
 
 /// `set` without kgpatch's signals, when a program blocks them (`SIG_BLOCK`/`SIG_SETMASK`).
@@ -133,9 +192,11 @@ fn without_ours(
     }
     // SAFETY: `set` is the caller's valid sigset (pthread_sigmask's contract).
     *copy = unsafe { *set };
-    for sig in ours() {
-        // SAFETY: `copy` is a valid sigset.
-        unsafe { libc::sigdelset(copy, sig) };
+    for sig in OURS.iter().map(|s| s.load(Ordering::Acquire)) {
+        if sig > 0 {
+            // SAFETY: `copy` is a valid sigset.
+            unsafe { libc::sigdelset(copy, sig) };
+        }
     }
     copy
 }
@@ -151,8 +212,7 @@ pub unsafe extern "C" fn pthread_sigmask(
     set: *const libc::sigset_t,
     old: *mut libc::sigset_t,
 ) -> c_int {
-    static REAL: OnceLock<usize> = OnceLock::new();
-    let addr = real_fn(c"pthread_sigmask", &REAL);
+    let addr = real_fn(c"pthread_sigmask", &REAL_PTHREAD_SIGMASK);
     if addr == 0 {
         return libc::ENOSYS;
     }
@@ -175,8 +235,7 @@ pub unsafe extern "C" fn sigprocmask(
     set: *const libc::sigset_t,
     old: *mut libc::sigset_t,
 ) -> c_int {
-    static REAL: OnceLock<usize> = OnceLock::new();
-    let addr = real_fn(c"sigprocmask", &REAL);
+    let addr = real_fn(c"sigprocmask", &REAL_SIGPROCMASK);
     if addr == 0 {
         // SAFETY: errno is this thread's.
         unsafe { *libc::__errno_location() = libc::ENOSYS };

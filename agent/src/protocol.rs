@@ -185,6 +185,10 @@ pub struct Status {
     /// does not unmap them until the sites are gone).
     #[serde(default)]
     pub pinned: Vec<PinnedInfo>,
+    /// The agent thread hit an internal error (a caught panic): what it was. The agent then
+    /// refuses every further transition; the process runs on as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_failure: Option<String>,
 }
 
 /// A patch module that is no longer applied and stays mapped.
@@ -274,6 +278,11 @@ pub struct TransitionInfo {
     pub total: usize,
     /// Every thread not yet on the goal side.
     pub pending: Vec<ThreadInfo>,
+    /// Why completion waits although no thread blocks it: the last OS error (a failed
+    /// `/proc/self/task` or `/proc/self/maps` read) that kept the driver from checking every
+    /// thread. Completion and slot reclaim wait while it lasts; the deadline still applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_on_error: Option<String>,
 }
 
 /// A thread not yet migrated.

@@ -118,23 +118,35 @@ impl Server {
         &self.path
     }
 
-    /// Serves requests and drives transitions, forever.
+    /// Serves requests and drives transitions, forever. A panic in the driver never leaves
+    /// this thread (it would take the process down with it, or leave the agent dead): it is
+    /// caught, `status` reports it, and every later transition request is refused. The
+    /// transition in progress, if any, is not touched again: each thread keeps the universe
+    /// it is in, consistent per thread, and new threads still pass the gate.
     pub fn run(self, mut driver: Driver) -> ! {
+        let mut failure: Option<String> = None;
         loop {
-            let timeout = driver
-                .next_wakeup()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match failure {
+                Some(_) => None,
+                None => driver
+                    .next_wakeup()
+                    .map(|t| t.saturating_duration_since(Instant::now())),
+            };
             if wait_readable(&self.listener, timeout) {
                 match self.listener.accept() {
-                    Ok((stream, _)) => self.serve(stream, &mut driver),
+                    Ok((stream, _)) => self.serve(stream, &mut driver, &mut failure),
                     Err(e) => warn!(error = %e, "accept failed"),
                 }
             }
-            driver.tick();
+            if failure.is_none() {
+                if let Err(why) = guarded(|| driver.tick()) {
+                    failure = Some(why);
+                }
+            }
         }
     }
 
-    fn serve(&self, stream: UnixStream, driver: &mut Driver) {
+    fn serve(&self, stream: UnixStream, driver: &mut Driver, failure: &mut Option<String>) {
         let allowed = peer_uid(&stream).is_ok_and(|uid| uid == euid() || uid == 0);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
@@ -153,12 +165,57 @@ impl Server {
             match protocol::decode::<Request>(&line) {
                 Ok(req) => {
                     debug!(?req, "request");
-                    handle(req, driver)
+                    handle_guarded(req, driver, failure)
                 }
                 Err(msg) => error(ErrorKind::BadRequest, msg),
             }
         };
         let _ = (&stream).write_all(protocol::encode(&response).as_bytes());
+    }
+}
+
+/// Runs `f`, turning a panic into the sentence `status` shows.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with no message".into());
+        let why = format!("the kgpatch agent hit an internal error ({what})");
+        warn!(error = %why, "agent stopped driving transitions");
+        why
+    })
+}
+
+/// The sentence a transition request gets once the agent failed.
+fn refusal(why: &str) -> String {
+    format!(
+        "{why} and refuses further transitions; the process runs on as it is (restart it to patch it again, and please report the error)"
+    )
+}
+
+/// [`handle`], with the agent's failure state: after a panic only `status` is served.
+fn handle_guarded(req: Request, driver: &mut Driver, failure: &mut Option<String>) -> Response {
+    if let Some(why) = failure.as_deref() {
+        return match req {
+            Request::Status => match guarded(|| driver.status()) {
+                Ok(mut status) => {
+                    status.agent_failure = Some(refusal(why));
+                    Response::Status(Box::new(status))
+                }
+                Err(_) => error(ErrorKind::Internal, refusal(why)),
+            },
+            _ => error(ErrorKind::Internal, refusal(why)),
+        };
+    }
+    match guarded(|| handle(req, driver)) {
+        Ok(r) => r,
+        Err(why) => {
+            let r = error(ErrorKind::Internal, refusal(&why));
+            *failure = Some(why);
+            r
+        }
     }
 }
 

@@ -56,7 +56,7 @@ fn halt_here(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
         let r = RELEASE.load(Ordering::Acquire);
         if r != HOLD {
             if r == GO {
-                let Some(slot) = registry::claim(me as u32, migrate::current_word()) else {
+                let Ok(slot) = registry::claim(me as u32, migrate::current_word()) else {
                     return;
                 };
                 // The stack was checked at arrival and nothing ran since.
@@ -103,7 +103,9 @@ pub fn rendezvous(
     BUSY.store(0, Ordering::Release);
     RELEASE.store(HOLD, Ordering::Release);
     DRIVER_TID.store(sweep::gettid() as u64, Ordering::Release);
-    let others = crate::driver::live_tids().len().saturating_sub(1) as u32;
+    // A failed listing waits for no one: the rendezvous then finds too few arrivals and
+    // releases everyone unmoved.
+    let others = crate::driver::live_tids().map_or(u32::MAX, |t| t.len().saturating_sub(1) as u32);
     let start = Instant::now();
     let action = |uc: &mut libc::ucontext_t| halt_here(uc, ctx);
     let mut result = Rendezvous {

@@ -9,6 +9,7 @@ mod harness;
 
 mod bad_input;
 mod cxx;
+mod failclosed;
 mod frames;
 mod lifetime;
 mod load;

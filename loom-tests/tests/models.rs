@@ -334,3 +334,142 @@ fn force_keeps_requests_consistent() {
         }
     });
 }
+
+/// The kernel's view of tid 7 in the registry models: which incarnation holds it (0 = none).
+/// A listing of the process's threads is a load of it.
+struct Kernel(loom::sync::atomic::AtomicU64);
+
+impl Kernel {
+    fn list(&self) -> Vec<u32> {
+        match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Vec::new(),
+            _ => vec![TID],
+        }
+    }
+
+    fn set(&self, incarnation: u64) {
+        self.0
+            .store(incarnation, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+const TID: u32 = 7;
+/// Registry capacity under loom: two slots, so reuse and probing both happen.
+type SmallRegistry = Registry<2>;
+
+/// Claim, exit, tid reuse and completion: thread A (tid 7) claims its slot, migrates and
+/// exits (its exit hook frees the slot); thread B is then born with the reused tid 7, claims
+/// and passes a boundary. The driver reclaims and polls for completion meanwhile. Whenever
+/// the driver completes while B holds tid 7, B's stack was checked first: the registry never
+/// shows B's tid with a state that is not B's. With `broken`, the old claim (tid published
+/// before the word is adopted) and the old release (state not reset) are used: the model
+/// catches a completion that skipped B.
+fn registry_model(broken: bool) {
+    loom::model(move || {
+        let world = World::new();
+        let reg = Arc::new(SmallRegistry::new());
+        let kernel = Arc::new(Kernel(loom::sync::atomic::AtomicU64::new(1)));
+        let b_checked = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let mut u = world.universe();
+        let t = world.apply(&mut u);
+        let life = {
+            let (reg, kernel, b_checked, gate) = (
+                reg.clone(),
+                kernel.clone(),
+                b_checked.clone(),
+                world.gate.clone(),
+            );
+            thread::spawn(move || {
+                let claim = |word: u64| {
+                    if broken {
+                        reg.claim_tid_first_for_tests(TID, word)
+                    } else {
+                        reg.claim(TID, word).ok()
+                    }
+                };
+                // Thread A: its TLS word starts at 0.
+                let a = claim(0).expect("a slot for A");
+                gate.migrate(a.state(), |_, _| Check::Clean);
+                // A exits: its exit hook frees the slot, then the kernel frees tid 7.
+                if broken {
+                    reg.release_without_reset_for_tests(TID);
+                } else {
+                    reg.release(TID);
+                }
+                kernel.set(0);
+                // Thread B, born with the reused tid 7 and a fresh TLS word 0.
+                kernel.set(2);
+                let Some(b) = claim(0) else {
+                    return;
+                };
+                gate.migrate(b.state(), |_, _| {
+                    b_checked.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Check::Clean
+                });
+            })
+        };
+        // The driver: reclaim, then one attempt to complete, racing with both lives.
+        reg.reclaim(|| Some(kernel.list()));
+        let alive = kernel.get();
+        let states: Option<Vec<&ThreadState>> = kernel
+            .list()
+            .iter()
+            .map(|&tid| reg.find(tid).map(Slot::state))
+            .collect();
+        if let Some(states) = states {
+            if u.poll(states).is_some() && alive == 2 {
+                assert!(
+                    b_checked.load(std::sync::atomic::Ordering::SeqCst),
+                    "completed with thread B (reused tid) never checked"
+                );
+            }
+        }
+        life.join().unwrap();
+        let _ = t;
+    });
+}
+
+#[test]
+fn registry_claim_exit_reuse_completion() {
+    registry_model(false);
+}
+
+#[test]
+#[should_panic(expected = "never checked")]
+fn registry_old_claim_is_caught() {
+    registry_model(true);
+}
+
+/// Reclaim racing with tid reuse: thread A (tid 7) exits without freeing its slot (a thread
+/// the start hook never saw), and B is born with tid 7 while the driver reads the keys, lists
+/// the threads and reclaims. B keeps a live slot of its own with its own word, whichever
+/// order the steps take: a reclaim decided on A's key never frees B's slot.
+#[test]
+fn registry_reclaim_never_frees_a_reused_tid() {
+    loom::model(|| {
+        let reg = Arc::new(SmallRegistry::new());
+        let kernel = Arc::new(Kernel(loom::sync::atomic::AtomicU64::new(1)));
+        reg.claim(TID, 5).unwrap();
+        // A exits without its hook.
+        kernel.set(0);
+        let b = {
+            let (reg, kernel) = (reg.clone(), kernel.clone());
+            thread::spawn(move || {
+                // B is born with tid 7 and TLS word 0.
+                kernel.set(2);
+                let slot = reg.claim(TID, 0).expect("B gets a slot") as *const Slot as usize;
+                slot
+            })
+        };
+        reg.reclaim(|| Some(kernel.list()));
+        let b_slot = b.join().unwrap();
+        let found = reg.find(TID).expect("B's slot is live");
+        assert_eq!(found as *const Slot as usize, b_slot, "B lost its slot");
+        assert_eq!(found.state().word(), 0, "B's slot holds B's word");
+        assert_eq!(reg.live().count(), 1);
+    });
+}

@@ -4,11 +4,17 @@
 //! # Safety
 //! Section data is borrowed from the objects' mappings (no copy, so the index costs a few
 //! hundred bytes per object). The borrow is made while `dl_iterate_phdr` holds the loader
-//! lock, and stays valid while the object stays loaded. An object unloaded by `dlclose`
-//! after the index was built leaves dangling slices: the agent must check
-//! [`UnwindIndex::is_current`] before each attempt and rebuild when objects changed, and a
-//! patch transition must not run while the program unloads libraries it might return into.
-//! Objects loaded at start-up (and any marked `RTLD_NODELETE`) are never unmapped.
+//! lock, and it stays valid for the index's whole life because the index **pins** every
+//! object it borrows from: right after the iteration it takes a `dlopen(name, RTLD_NOLOAD)`
+//! reference on each named object (checked to be the same object: its link map's load bias
+//! is the indexed one), then checks that the loader unloaded nothing in between
+//! (`dlpi_subs` unchanged; otherwise it lets go and starts again). A program's `dlclose`
+//! then only drops its own reference: the object stays mapped until the index is dropped,
+//! which releases the pins. An object that cannot be pinned keeps its code ranges but not
+//! its unwind data, so a walk through it is unreliable rather than a read of unmapped
+//! memory. The main program and the vdso are never unmapped and need no pin.
+//! [`UnwindIndex::is_current`] still says when objects came or went (a new object's code is
+//! not indexed until a rebuild).
 
 #![allow(unsafe_code)]
 
@@ -35,6 +41,9 @@ pub enum IndexError {
     /// `dl_iterate_phdr` reported no object with code.
     #[error("dl_iterate_phdr reported no loaded object with executable code; stack checks need at least the main program")]
     NoObjects,
+    /// Objects were unloaded while the index pinned them, every time it tried.
+    #[error("the program kept unloading libraries while the unwind index pinned them; try again when it is quieter")]
+    ObjectsChanging,
 }
 
 /// Options for [`UnwindIndex::build_with`].
@@ -101,6 +110,9 @@ static NEXT_INDEX_ID: AtomicU32 = AtomicU32::new(1);
 /// and read-only during it. Walks run against it (see [`UnwindIndex::walk`]).
 pub struct UnwindIndex {
     id: u32,
+    /// `dlopen(RTLD_NOLOAD)` handles of the objects whose sections are borrowed; closed
+    /// when the index is dropped (nothing borrowed has a destructor that reads it).
+    pins: Pins,
     modules: Vec<Module>,
     code: Vec<CodeRange>,
     stamp: ObjectsStamp,
@@ -124,10 +136,29 @@ impl UnwindIndex {
         UnwindIndex::build_with(IndexOptions::default())
     }
 
-    /// Indexes every loaded object.
+    /// Indexes every loaded object, and pins each one (see the module docs).
     pub fn build_with(options: IndexOptions) -> Result<UnwindIndex, IndexError> {
-        let mut found = Found::default();
-        iterate_objects(&mut found);
+        const ATTEMPTS: usize = 8;
+        for _ in 0..ATTEMPTS {
+            let mut found = Found::default();
+            iterate_objects(&mut found);
+            let pins = pin_objects(&mut found.modules);
+            if objects_stamp().subs != found.stamp.subs {
+                // Something was unloaded between the iteration and the pins: a borrowed
+                // slice may already dangle. Drop the pins and look again.
+                drop(pins);
+                continue;
+            }
+            return UnwindIndex::from_found(found, pins, options);
+        }
+        Err(IndexError::ObjectsChanging)
+    }
+
+    fn from_found(
+        found: Found,
+        pins: Pins,
+        options: IndexOptions,
+    ) -> Result<UnwindIndex, IndexError> {
         let mut code = Vec::new();
         for (i, m) in found.modules.iter().enumerate() {
             for r in &m.info.code {
@@ -144,11 +175,17 @@ impl UnwindIndex {
         code.sort_by_key(|c| c.start);
         Ok(UnwindIndex {
             id: NEXT_INDEX_ID.fetch_add(1, Ordering::Relaxed).max(1),
+            pins,
             modules: found.modules,
             code,
             stamp: found.stamp,
             pool: CachePool::new(options.cache_slots),
         })
+    }
+
+    /// How many objects the index holds a `dlopen` reference on.
+    pub fn pinned(&self) -> usize {
+        self.pins.0.len()
     }
 
     /// A number unique to this index among those built in this process (cache entries are
@@ -198,6 +235,66 @@ impl UnwindIndex {
         let c = self.code.get(i.checked_sub(1)?)?;
         (addr < c.end).then(|| &self.modules[c.module])
     }
+}
+
+/// `dlopen` handles, closed when dropped.
+#[derive(Default)]
+struct Pins(Vec<usize>);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for &h in &self.0 {
+            // SAFETY: `h` is a handle our own dlopen returned and nobody else closes; the
+            // index that borrowed from its object is being dropped with it.
+            unsafe { libc::dlclose(h as *mut libc::c_void) };
+        }
+    }
+}
+
+/// Takes a reference on every named object of `modules`; an object that cannot be pinned
+/// (no name the loader knows, or the name finds another object) loses its unwind data.
+/// Must not run under `dl_iterate_phdr` (dlopen takes the loader's other lock).
+fn pin_objects(modules: &mut [Module]) -> Pins {
+    let mut pins = Pins::default();
+    for m in modules.iter_mut() {
+        let name = &m.info.name;
+        if name.is_empty() || name.starts_with("linux-vdso") || name.starts_with("linux-gate") {
+            continue;
+        }
+        match pin(name, m.info.bias) {
+            Some(h) => pins.0.push(h),
+            None => m.eh = None,
+        }
+    }
+    pins
+}
+
+/// A `dlopen(RTLD_NOLOAD)` handle on the loaded object `name` whose load bias is `bias`.
+fn pin(name: &str, bias: u64) -> Option<usize> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name; RTLD_NOLOAD never loads anything, it only takes a
+    // reference on an object that is already loaded.
+    let h = unsafe { libc::dlopen(cname.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+    if h.is_null() {
+        return None;
+    }
+    let mut map: *mut libc::c_void = std::ptr::null_mut();
+    // SAFETY: `h` is a valid handle; RTLD_DI_LINKMAP stores a `struct link_map *` in `map`.
+    let rc = unsafe {
+        libc::dlinfo(
+            h,
+            libc::RTLD_DI_LINKMAP,
+            (&mut map as *mut *mut libc::c_void).cast(),
+        )
+    };
+    // SAFETY: a link map starts with `l_addr`, the object's load bias (<link.h>).
+    let same = rc == 0 && !map.is_null() && unsafe { *map.cast::<u64>() } == bias;
+    if !same {
+        // SAFETY: our own handle, closed once.
+        unsafe { libc::dlclose(h) };
+        return None;
+    }
+    Some(h as usize)
 }
 
 /// The loader's current object-set counters. Takes the loader's lock; not for signal
@@ -412,5 +509,13 @@ mod tests {
         assert!(index.objects().any(|o| o.name.contains("vdso")));
         assert!(index.is_current());
         assert!(index.object_for(0x10).is_none());
+        assert!(index.pinned() > 0, "libc at least is pinned");
+        let libc_again = UnwindIndex::build().unwrap();
+        assert_eq!(libc_again.pinned(), index.pinned());
+        drop(libc_again);
+        assert!(
+            index.is_current(),
+            "dropping an index's pins unloads nothing still used"
+        );
     }
 }

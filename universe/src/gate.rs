@@ -159,14 +159,6 @@ impl Gate {
         self.migrate(me, |_, _| Check::Clean)
     }
 
-    /// Records that the calling thread could not even be asked (it blocks our signal), for
-    /// the progress view. Changes nothing else.
-    pub fn note_blocked(&self, me: &ThreadState, why: Blocker) {
-        if let Some((t, _)) = self.state().open {
-            me.record_blocked(t, why);
-        }
-    }
-
     fn enter(&self) -> u64 {
         self.state.fetch_add(IN_FLIGHT_ONE, Ordering::Acquire)
     }

@@ -5,7 +5,8 @@
 //! versions stack), the transition (number `t`, `from`/`to` per site, goal, per-thread
 //! state), the publication order of the site words the redirect stub reads ([`Site`]), the
 //! thread-side operations ([`Gate::migrate`], [`Gate::is_settled_for`],
-//! [`Gate::thread_start`]), reversal, force, completion, and the progress view.
+//! [`Gate::thread_start`]), the thread registry's slot state machine ([`Registry`]), reversal,
+//! force, completion, and the progress view.
 //!
 //! **Must not touch:** anything OS-specific — no signals, no TLS, no machine code, no clock
 //! (times come from the caller). The agent supplies those; this crate only decides.
@@ -35,6 +36,7 @@
 mod control;
 mod error;
 mod gate;
+pub mod registry;
 mod site;
 mod sync;
 mod thread;
@@ -46,6 +48,7 @@ pub use control::{
 };
 pub use error::UniverseError;
 pub use gate::{Check, Gate, GateState, Migration};
+pub use registry::{ClaimError, Registry, Slot, SlotKey};
 pub use site::{offsets as site_offsets, select, Site, SiteWords, Version};
 pub use thread::{Blocker, ThreadState};
 pub use word::{Side, STEADY};
