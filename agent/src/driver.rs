@@ -284,7 +284,12 @@ impl Driver {
         }
         let mut new_sites: Vec<_> = installed.iter().map(|h| h.new_site()).collect();
         let name = plan.spec.name.clone();
-        let t = match self.universe.begin_apply(plan.spec, &mut new_sites, 0) {
+        // Site words are written under the fork lock: no child sees half a publication.
+        let published = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.begin_apply(plan.spec, &mut new_sites, 0)
+        };
+        let t = match published {
             Ok(t) => t,
             Err(e) => return undo(self, &installed, module, e.into()),
         };
@@ -324,7 +329,11 @@ impl Driver {
             self.patcher.set_fast_path(f.site, None)?;
         }
         self.prepare_index()?;
-        let t = match self.universe.begin_revert(name, 0) {
+        let published = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.begin_revert(name, 0)
+        };
+        let t = match published {
             Ok(t) => t,
             Err(e) => {
                 self.restore_fast_paths();
@@ -567,7 +576,11 @@ impl Driver {
                 None => return false,
             }
         }
-        let Some(done) = self.universe.poll(states) else {
+        let settled = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.poll(states)
+        };
+        let Some(done) = settled else {
             return false;
         };
         let p = self.pending.take().expect("a transition was pending");
