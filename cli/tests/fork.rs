@@ -37,12 +37,19 @@ fn fork_setup(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
 /// a second, calls both patched functions in every request from its main thread and from a
 /// thread it creates, and checks they agree and never change version). Returns the final
 /// STATS, or `None` when `mdwe` was asked for and the kernel refused `PR_SET_MDWE`.
-fn fork_during_cycles(name: &str, mdwe: bool) -> Option<std::collections::HashMap<String, u64>> {
+fn fork_during_cycles(
+    name: &str,
+    mdwe: bool,
+    raw_clone: bool,
+) -> Option<std::collections::HashMap<String, u64>> {
     let dir = TempDir::new(name);
     let (exe, fix) = fork_setup(&dir);
     let mut spawn = Spawn::new(&exe, &dir.runtime_dir());
     if mdwe {
         spawn = spawn.arg("mdwe");
+    }
+    if raw_clone {
+        spawn = spawn.arg("clone");
     }
     let mut t = spawn.start();
     let first = t.stats();
@@ -125,7 +132,7 @@ fn assert_children_unharmed(s: &std::collections::HashMap<String, u64>) {
 /// boundary), in their main thread or in a thread they create.
 #[test]
 fn forked_children_survive_parent_cycles() {
-    let s = fork_during_cycles("fork", false).expect("no MDWE asked for");
+    let s = fork_during_cycles("fork", false, false).expect("no MDWE asked for");
     assert_children_unharmed(&s);
 }
 
@@ -134,8 +141,17 @@ fn forked_children_survive_parent_cycles() {
 /// an exec gain, in the parent or in a child.
 #[test]
 fn forked_children_survive_parent_cycles_with_mdwe() {
-    if let Some(s) = fork_during_cycles("fork-mdwe", true) {
+    if let Some(s) = fork_during_cycles("fork-mdwe", true, false) {
         assert_eq!(s["mdwe"], 1);
         assert_children_unharmed(&s);
     }
+}
+
+/// Children made by the raw `clone` system call without `CLONE_VM` (no atfork handler
+/// runs in them) are as safe: kgpatch's memory is private, so the kernel's copy is all a
+/// child needs, and no later write of the parent reaches it.
+#[test]
+fn raw_clone_children_survive_parent_cycles() {
+    let s = fork_during_cycles("fork-clone", false, true).expect("no MDWE asked for");
+    assert_children_unharmed(&s);
 }
