@@ -450,7 +450,12 @@ impl Driver {
         }
         let mut new_sites: Vec<_> = installed.iter().map(|h| h.new_site()).collect();
         let name = plan.spec.name.clone();
-        let t = match self.universe.begin_apply(plan.spec, &mut new_sites, 0) {
+        // Site words are written under the fork lock: no child sees half a publication.
+        let published = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.begin_apply(plan.spec, &mut new_sites, 0)
+        };
+        let t = match published {
             Ok(t) => t,
             Err(e) => return undo(self, &installed, module, e.into()),
         };
@@ -502,7 +507,11 @@ impl Driver {
             self.restore_fast_paths();
             return Err(e);
         }
-        let t = match self.universe.begin_revert(name, 0) {
+        let published = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.begin_revert(name, 0)
+        };
+        let t = match published {
             Ok(t) => t,
             Err(e) => {
                 self.restore_fast_paths();
@@ -825,7 +834,11 @@ impl Driver {
         if let Some(p) = self.pending.as_mut() {
             p.os_error = None;
         }
-        let Some(done) = self.universe.poll(states) else {
+        let settled = {
+            let _fork = kgpatch_redirect::fork_guard();
+            self.universe.poll(states)
+        };
+        let Some(done) = settled else {
             return false;
         };
         let Some(p) = self.pending.take() else {

@@ -10,6 +10,7 @@ mod harness;
 mod bad_input;
 mod cxx;
 mod failclosed;
+mod fork;
 mod frames;
 mod lifetime;
 mod load;

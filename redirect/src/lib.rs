@@ -2,8 +2,8 @@
 //!
 //! **Owns:** every byte of machine code kgpatch reads or writes: analysis of a function's
 //! entry ([`SiteAnalysis`], refusals as [`Refusal`]), trampolines for original versions,
-//! per-site redirect stubs and their memory (near the site, W^X through a memfd mapped
-//! twice), the cross-modifying-code protocol for live text writes (int3, membarrier
+//! per-site redirect stubs and their memory (near the site, private, W^X: code read+exec and
+//! written through `/proc/self/mem`), the [fork lock](fork), the cross-modifying-code protocol for live text writes (int3, membarrier
 //! `SYNC_CORE`, a thread sweep moving threads out of the overwritten bytes, writes through
 //! `/proc/self/mem`), the SIGTRAP handler, unwind information for generated code, the
 //! universe-word TLS slot ([`tls`]), and the thread sweep the agent reuses ([`sweep`]).
@@ -22,6 +22,8 @@
 //!   first byte, each step followed by a core serialisation; threads found inside the
 //!   overwritten bytes are moved to the matching trampoline instruction before the tail is
 //!   written.
+//! - A child of `fork` gets private copies of all of it, taken between two write sequences
+//!   (the [fork lock](fork)), and no later write of the parent reaches it.
 //! - Removing a site restores the original bytes exactly; its memory is reused only after a
 //!   sweep saw every thread outside it.
 //!
@@ -45,11 +47,13 @@
 compile_error!("kgpatch-redirect supports x86-64 Linux only");
 
 mod error;
+pub mod fork;
 pub mod sweep;
 pub mod tls;
 pub mod x86_64;
 
 pub use error::{Error, Refusal, Result};
+pub use fork::{fork_guard, ForkGuard};
 pub use sweep::{Sweep, SweepAction, SweepReport};
 pub use x86_64::analysis::{PadHint, SiteAnalysis};
 pub use x86_64::patcher::{CodeKind, CodeRange, Patcher, PatcherConfig, SiteHandle, Stats};

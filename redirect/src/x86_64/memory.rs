@@ -1,19 +1,31 @@
 //! Memory for stubs, trampolines and site words, within ±2 GiB of the sites.
 //!
-//! A *region* is one memfd mapped twice: near the site, code pages read+exec and data pages
-//! read-only (what the stubs execute and read, RIP-relative), and anywhere, the whole of it
-//! read+write (what kgpatch writes through). No page is ever writable and executable at
-//! once, and no protection is ever added, so it works under `MemoryDenyWriteExecute` and
-//! `PR_SET_MDWE`. Regions are never unmapped; their slots are reused.
+//! A *region* is one reservation near the site, in two private anonymous mappings: code
+//! pages read+exec (what the stubs and trampolines execute) and data pages read+write, not
+//! executable (the site words the stubs read RIP-relative and the universe writes). No
+//! page is ever writable and executable at once and no protection is ever changed, so it
+//! works under `MemoryDenyWriteExecute` and `PR_SET_MDWE`. Code is written through
+//! `/proc/self/mem`, which writes through a read-only mapping without changing it (as the
+//! program's text is written). Regions are never unmapped; their slots are reused.
+//!
+//! The memory is private (`MAP_PRIVATE`), like the program's text, so a child of `fork`
+//! (or of a raw `clone` without `CLONE_VM`) gets copies at the same addresses and never
+//! sees a later write of the parent: its stubs keep the site words and code of the moment
+//! it was forked, which point only into modules it has mapped. The [fork
+//! lock](crate::fork) makes that moment fall between two of kgpatch's write sequences.
+//! (An earlier design shared one memfd between a read+exec and a read+write view; children
+//! then shared the parent's site words and jumped into modules they never loaded.)
 //!
 //! Each slot has 128 bytes of code (stub at 0, fast-path thunk at 40, trampoline at 48) and
 //! 32 bytes of data (the [`kgpatch_universe::Site`] words, then the thunk's target).
 //!
 //! # Safety
-//! Writes go through the RW view with `copy_nonoverlapping` into slots the pool handed out
-//! and no thread executes yet (fresh, or reclaimed after a sweep saw every thread outside).
+//! Code is written with `pwrite` on `/proc/self/mem` into slots the pool handed out and no
+//! thread executes yet (fresh, or reclaimed after a sweep saw every thread outside).
+//! Data is written through its (RW) near address by the patcher and the universe.
 
-use std::fs;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
 
@@ -44,11 +56,12 @@ const _: () = assert!(CODE_BYTES % PAGE == 0 && DATA_BYTES % PAGE == 0);
 #[derive(Debug)]
 struct Region {
     near: u64,
-    rw: u64,
     used: Vec<bool>,
 }
 
-/// One slot: addresses of its code and data in the near (executed) and RW (written) views.
+/// One slot: addresses of its code and data. The `_rw` addresses are where kgpatch writes;
+/// with private memory they are the near addresses themselves (code is written through
+/// `/proc/self/mem`, data directly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     region: usize,
@@ -58,7 +71,7 @@ pub struct Slot {
     /// Data, as read by the stub.
     pub data: u64,
     code_rw: u64,
-    /// Data, as written by kgpatch.
+    /// Data, as written by kgpatch (read+write, not executable).
     pub data_rw: u64,
 }
 
@@ -66,6 +79,8 @@ pub struct Slot {
 #[derive(Debug, Default)]
 pub struct Pool {
     regions: Vec<Region>,
+    /// `/proc/self/mem`, opened with the first region.
+    mem: Option<File>,
 }
 
 fn in_reach(start: u64, reach: &[u64]) -> bool {
@@ -90,7 +105,13 @@ impl Pool {
             Some(f) => f,
             None => {
                 let near = reach.first().copied().unwrap_or(0);
-                let region = map_region(reach).ok_or(Error::NoMemoryNearSite { site: near })??;
+                let mem = match self.mem.take() {
+                    Some(f) => f,
+                    None => open_mem()?,
+                };
+                let region = map_region(reach, &mem);
+                self.mem = Some(mem);
+                let region = region.ok_or(Error::NoMemoryNearSite { site: near })??;
                 self.regions.push(region);
                 (self.regions.len() - 1, 0)
             }
@@ -103,8 +124,8 @@ impl Pool {
             index,
             code: r.near + i * CODE_SLOT,
             data: r.near + CODE_BYTES + i * DATA_SLOT,
-            code_rw: r.rw + i * CODE_SLOT,
-            data_rw: r.rw + CODE_BYTES + i * DATA_SLOT,
+            code_rw: r.near + i * CODE_SLOT,
+            data_rw: r.near + CODE_BYTES + i * DATA_SLOT,
         })
     }
 
@@ -113,22 +134,25 @@ impl Pool {
         self.regions[slot.region].used[slot.index] = false;
     }
 
-    /// Writes `bytes` at `offset` of the slot's code.
-    pub fn write_code(&self, slot: &Slot, offset: u64, bytes: &[u8]) {
+    /// Writes `bytes` at `offset` of the slot's code (through `/proc/self/mem`).
+    pub fn write_code(&self, slot: &Slot, offset: u64, bytes: &[u8]) -> Result<()> {
         assert!(
             offset + bytes.len() as u64 <= CODE_SLOT,
             "code slot overflow"
         );
-        // SAFETY: the destination lies inside the slot's part of the RW view, which stays
-        // mapped for the life of the process; see the module docs for why no thread
-        // executes it meanwhile.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (slot.code_rw + offset) as *mut u8,
-                bytes.len(),
-            )
-        };
+        let mem = self.mem.as_ref().ok_or(Error::Os {
+            call: "open(/proc/self/mem)",
+            doing: "writing stub code",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        // The destination lies inside the slot's code, mapped for the life of the process;
+        // see the module docs for why no thread executes it meanwhile.
+        mem.write_all_at(bytes, slot.code_rw + offset)
+            .map_err(|source| Error::Os {
+                call: "pwrite(/proc/self/mem)",
+                doing: "writing stub code",
+                source,
+            })
     }
 
     /// Number of regions mapped.
@@ -137,23 +161,23 @@ impl Pool {
     }
 }
 
-/// Maps a new region; `None` if no free range is in reach.
-fn map_region(reach: &[u64]) -> Option<Result<Region>> {
-    // SAFETY: memfd_create with a static name and flags.
-    let fd = unsafe { libc::memfd_create(c"kgpatch-code".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Some(Err(Error::os("memfd_create", "allocating stub memory")));
-    }
-    let result = map_region_fd(fd, reach);
-    // SAFETY: `fd` is ours; the mappings keep the memory alive.
-    unsafe { libc::close(fd) };
-    result
+fn open_mem() -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|source| Error::Os {
+            call: "open(/proc/self/mem)",
+            doing: "opening the process's memory to write stub code",
+            source,
+        })
 }
 
-fn map_region_fd(fd: libc::c_int, reach: &[u64]) -> Option<Result<Region>> {
-    // SAFETY: `fd` is a fresh memfd.
-    if unsafe { libc::ftruncate(fd, REGION as libc::off_t) } != 0 {
-        return Some(Err(Error::os("ftruncate", "sizing stub memory")));
+/// Maps a new region; `None` if no free range is in reach.
+fn map_region(reach: &[u64], mem: &File) -> Option<Result<Region>> {
+    // Before the first region exists, so that no fork can copy one mid-write.
+    if let Err(e) = crate::fork::register_handlers() {
+        return Some(Err(e));
     }
     let mut near = None;
     for _attempt in 0..8 {
@@ -191,53 +215,47 @@ fn map_region_fd(fd: libc::c_int, reach: &[u64]) -> Option<Result<Region>> {
         }
     }
     let near = near?;
-    // SAFETY: MAP_FIXED over our own reservation; file offsets within the memfd's size.
-    let code = unsafe {
-        libc::mmap(
-            near as *mut libc::c_void,
-            CODE_BYTES as usize,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd,
-            0,
-        )
+    // Fresh private pages over our own reservation: code read+exec, data read+write. A new
+    // mapping, not a protection change: no exec is gained by a page that had none.
+    let map = |at: u64, len: u64, prot: libc::c_int| {
+        // SAFETY: MAP_FIXED over our own reservation, which nothing else uses.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                len as usize,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        p != libc::MAP_FAILED && p as u64 == at
     };
-    // SAFETY: as above, the data part of the reservation.
-    let data = unsafe {
-        libc::mmap(
-            (near + CODE_BYTES) as *mut libc::c_void,
-            DATA_BYTES as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd,
-            CODE_BYTES as libc::off_t,
-        )
-    };
-    // SAFETY: a fresh shared RW mapping of the memfd, anywhere.
-    let rw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            REGION as usize,
+    let mapped = map(near, CODE_BYTES, libc::PROT_READ | libc::PROT_EXEC)
+        && map(
+            near + CODE_BYTES,
+            DATA_BYTES,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
+        );
+    let fail = |err: Error| {
+        // SAFETY: unmapping only our own reservation.
+        unsafe { libc::munmap(near as *mut libc::c_void, REGION as usize) };
+        Some(Err(err))
     };
-    if code == libc::MAP_FAILED || data == libc::MAP_FAILED || rw == libc::MAP_FAILED {
-        let err = Error::os("mmap", "mapping stub memory from a memfd");
-        // SAFETY: unmapping only our own ranges.
-        unsafe {
-            libc::munmap(near as *mut libc::c_void, REGION as usize);
-            if rw != libc::MAP_FAILED {
-                libc::munmap(rw, REGION as usize);
-            }
-        }
-        return Some(Err(err));
+    if !mapped {
+        return fail(Error::os("mmap", "mapping stub memory"));
+    }
+    // Code is written through /proc/self/mem: make sure the kernel allows it on these pages
+    // now, not when a stub is half written.
+    let mut byte = [0u8; 1];
+    if let Err(source) = mem
+        .read_exact_at(&mut byte, near)
+        .and_then(|()| mem.write_all_at(&byte, near))
+    {
+        return fail(Error::ProcMemRefused { source });
     }
     Some(Ok(Region {
         near,
-        rw: rw as u64,
         used: vec![false; SLOTS as usize],
     }))
 }
@@ -321,7 +339,7 @@ mod tests {
         for s in [a, b] {
             assert!(((s.code as i64) - anchor as i64).abs() < LIMIT);
         }
-        pool.write_code(&a, 0, &[0xC3, 0x90]);
+        pool.write_code(&a, 0, &[0xC3, 0x90]).unwrap();
         // SAFETY: the near code view is readable.
         let seen = unsafe { std::slice::from_raw_parts(a.code as *const u8, 2) };
         assert_eq!(seen, &[0xC3, 0x90]);

@@ -280,6 +280,8 @@ impl Patcher {
     /// trampoline), threads inside the overwritten bytes moved to the trampoline.
     pub fn install(&self, a: &SiteAnalysis) -> Result<SiteHandle> {
         let mut inner = self.lock();
+        // Stub memory, site words and text are written as one sequence no fork splits.
+        let _fork = crate::fork_guard();
         let entry = a.entry;
         if inner.sites.contains_key(&entry) {
             return Err(Error::AlreadyInstalled { entry });
@@ -304,11 +306,17 @@ impl Patcher {
             }
         };
         let tramp_addr = slot.code + memory::TRAMPOLINE;
-        inner.pool.write_code(&slot, memory::STUB, &stub);
-        inner
-            .pool
-            .write_code(&slot, memory::TRAMPOLINE, &tramp.code);
-        inner.pool.write_code(&slot, memory::THUNK, &thunk);
+        let written = (inner.pool.write_code(&slot, memory::STUB, &stub))
+            .and_then(|()| {
+                inner
+                    .pool
+                    .write_code(&slot, memory::TRAMPOLINE, &tramp.code)
+            })
+            .and_then(|()| inner.pool.write_code(&slot, memory::THUNK, &thunk));
+        if let Err(e) = written {
+            inner.pool.free(&slot);
+            return Err(e);
+        }
         let site = init_site(&slot, Version(tramp_addr));
         let stub_addr = slot.code + memory::STUB;
 
@@ -520,6 +528,7 @@ impl Patcher {
     /// writing nothing, when the bytes at the site are no longer a jump kgpatch wrote.
     pub fn set_fast_path(&self, entry: u64, version: Option<Version>) -> Result<()> {
         let inner = self.lock();
+        let _fork = crate::fork_guard();
         let rec = inner
             .sites
             .get(&entry)
@@ -616,6 +625,7 @@ impl Patcher {
     /// unmaps the code in the microseconds between them races with its own threads too.
     pub fn remove(&self, entry: u64) -> Result<()> {
         let mut inner = self.lock();
+        let _fork = crate::fork_guard();
         let rec = inner
             .sites
             .get(&entry)
