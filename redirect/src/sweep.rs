@@ -358,10 +358,18 @@ pub fn list_threads() -> Result<Vec<i32>> {
         doing: "listing the process's threads",
         source,
     })?;
-    let mut tids: Vec<i32> = dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut tids = Vec::new();
+    for entry in dir {
+        // A read error part-way would hide threads: fail rather than return a short list.
+        let entry = entry.map_err(|source| Error::Os {
+            call: "/proc/self/task",
+            doing: "listing the process's threads",
+            source,
+        })?;
+        if let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            tids.push(tid);
+        }
+    }
     tids.sort_unstable();
     Ok(tids)
 }
@@ -403,6 +411,108 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     } else {
         ThreadStatus::Alive
     }
+}
+
+/// The signals thread `tid` blocks (`SigBlk` of `/proc/self/task/<tid>/status`, bit `n-1`
+/// for signal `n`), or `None` when the thread is gone or exiting. Any other failure to read
+/// or parse it is an error: callers refuse rather than guess.
+pub fn blocked_signals(tid: i32) -> Result<Option<u64>> {
+    let path = format!("/proc/self/task/{tid}/status");
+    let status = match fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Ok(None)
+        }
+        Err(source) => {
+            return Err(Error::Os {
+                call: "/proc/self/task/<tid>/status",
+                doing: "reading which signals a thread blocks",
+                source,
+            })
+        }
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+        return Ok(None);
+    }
+    match field("SigBlk:").and_then(|m| u64::from_str_radix(m, 16).ok()) {
+        Some(mask) => Ok(Some(mask)),
+        None => Err(Error::Os {
+            call: "/proc/self/task/<tid>/status",
+            doing: "reading which signals a thread blocks (no SigBlk line)",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        }),
+    }
+}
+
+/// Waits until every thread of the process but the caller has been seen, at least once,
+/// not to be a blocker by `is_blocker(tid, blocked_set)`, or `deadline` passes. Returns the
+/// threads still blockers then (empty: all settled). A thread that exits is settled. Reading
+/// a thread's status fails closed: the error is returned.
+///
+/// Each thread is judged on its own reads, so threads that block signals only for a moment
+/// (glibc does while it creates or ends a thread; a thread inside kgpatch's SIGTRAP handler
+/// blocks everything) settle as soon as one read finds them unblocked.
+pub fn threads_settle(
+    deadline: Instant,
+    is_blocker: impl Fn(i32, u64) -> bool,
+) -> Result<Vec<i32>> {
+    let me = gettid();
+    let mut pending: Vec<i32> = list_threads()?.into_iter().filter(|&t| t != me).collect();
+    loop {
+        let mut still = Vec::with_capacity(pending.len());
+        for &tid in &pending {
+            if let Some(mask) = blocked_signals(tid)? {
+                if is_blocker(tid, mask) {
+                    still.push(tid);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() >= deadline {
+            return Ok(pending);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The first thread (but the caller) found blocking any signal of `mask`, reading the
+/// thread list afresh; `Ok(None)` if none does.
+pub fn first_blocking(mask: u64) -> Result<Option<i32>> {
+    let me = gettid();
+    for tid in list_threads()? {
+        if tid == me {
+            continue;
+        }
+        if blocked_signals(tid)?.is_some_and(|m| m & mask != 0) {
+            return Ok(Some(tid));
+        }
+    }
+    Ok(None)
+}
+
+/// The bit of `signal` in a `SigBlk` mask.
+pub fn signal_bit(signal: libc::c_int) -> u64 {
+    1u64 << ((signal - 1) & 63)
+}
+
+/// The user stack pointer and pc of a thread blocked in a system call, from
+/// `/proc/self/task/<tid>/syscall`; `None` while it runs (or when the kernel does not say).
+pub fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    if text.trim() == "running" {
+        return None;
+    }
+    let mut words = text.split_whitespace().rev();
+    let hex = |w: &str| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok();
+    let pc = hex(words.next()?)?;
+    let sp = hex(words.next()?)?;
+    Some((sp, pc))
 }
 
 /// Where a thread that is not running stands, from `/proc/self/task/<tid>/syscall`: its

@@ -2,6 +2,9 @@
 //! equivalent to the instruction being rewritten, re-executes the instruction when the int3
 //! is already gone (a late trap), and hands every other trap to the handler the program had.
 //!
+//! It runs with every signal blocked, so no handler of the program (which might call a
+//! patched function and meet the int3 with SIGTRAP blocked) nests inside it.
+//!
 //! # Async-signal safety
 //! The handler reads a fixed table of atomics (no allocation, no lock, bounded scan), one
 //! byte of code, and the saved previous disposition (written once before the handler is
@@ -60,15 +63,15 @@ pub fn install() -> Result<()> {
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigtrap as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-    // Real-time signals wait while the trap handler runs: it may run on a small alternate
-    // stack (Rust gives every thread 8 KiB), and a sweep's handler (a whole stack walk)
-    // delivered on top of it there would overflow it.
-    // SAFETY: `act.sa_mask` is a valid sigset; the signal numbers are valid.
+    // Every signal waits while the trap handler runs. A program's handler nested in it
+    // would run with SIGTRAP blocked (the kernel blocks a signal during its own handler),
+    // and if it called a function whose entry holds our int3 the kernel would kill the
+    // process (issue 10, item 6). And the handler may run on a small alternate stack (Rust
+    // gives every thread 8 KiB), where a sweep's handler (a whole stack walk) delivered on
+    // top of it would overflow it. The handler is short and bounded, so nothing waits long.
+    // SAFETY: `act.sa_mask` is a valid sigset to fill.
     unsafe {
-        libc::sigemptyset(&mut act.sa_mask);
-        for sig in libc::SIGRTMIN()..=libc::SIGRTMAX() {
-            libc::sigaddset(&mut act.sa_mask, sig);
-        }
+        libc::sigfillset(&mut act.sa_mask);
     }
     // SAFETY: `act` is initialised; the handler is async-signal-safe.
     if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
