@@ -381,6 +381,7 @@ enum ThreadStatus {
 }
 
 fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
+    let quiet = crate::x86_64::trap::quiet_token();
     let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
         return ThreadStatus::Gone;
     };
@@ -403,9 +404,14 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     // thread running our handler right now: the signal is masked during its own handler.)
     // A thread still inside our handler from an earlier sweep also shows the signal blocked
     // and pending: while any handler runs, do not conclude.
+    // So does a thread inside kgpatch's SIGTRAP handler, which blocks every signal while it
+    // runs (a thread hammering a function whose entry holds the int3 spends most of its time
+    // there): it takes the signal when the handler returns. Only a read during which no
+    // thread ran that handler concludes.
     if mask("SigBlk:") & bit != 0
         && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0
         && INFLIGHT.load(Ordering::SeqCst) == 0
+        && crate::x86_64::trap::quiet_since(quiet)
     {
         ThreadStatus::Blocks
     } else {
@@ -481,19 +487,29 @@ pub fn threads_settle(
     }
 }
 
-/// The first thread (but the caller) found blocking any signal of `mask`, reading the
-/// thread list afresh; `Ok(None)` if none does.
-pub fn first_blocking(mask: u64) -> Result<Option<i32>> {
+/// The first thread (but the caller) found blocking SIGTRAP, reading the thread list
+/// afresh; `Ok(None)` if none does. A thread inside kgpatch's own SIGTRAP handler (which
+/// blocks everything while it runs) does not count.
+pub fn first_blocking_trap() -> Result<Option<i32>> {
     let me = gettid();
     for tid in list_threads()? {
         if tid == me {
             continue;
         }
-        if blocked_signals(tid)?.is_some_and(|m| m & mask != 0) {
+        if blocks_trap(tid, blocked_signals(tid)?) {
             return Ok(Some(tid));
         }
     }
     Ok(None)
+}
+
+/// `true` if a thread with blocked set `blocked` (`None`: gone) blocks SIGTRAP for the
+/// program's reasons, not because it runs kgpatch's SIGTRAP handler. The handler is checked
+/// after the status was read: a thread in it then did not block SIGTRAP when it trapped
+/// (else the kernel would have killed the process), and gets its own mask back on return.
+pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
+    blocked.is_some_and(|m| m & signal_bit(libc::SIGTRAP) != 0)
+        && !crate::x86_64::trap::in_handler(tid)
 }
 
 /// The bit of `signal` in a `SigBlk` mask.

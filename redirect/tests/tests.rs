@@ -9,4 +9,5 @@ mod generated;
 mod hammer;
 mod install;
 mod probe;
+mod signals;
 mod sweep;

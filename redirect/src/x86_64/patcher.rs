@@ -512,6 +512,14 @@ impl Patcher {
         let signal = self.writer.sweep().signal();
         let bit = sweep::signal_bit(signal);
         let deadline = std::time::Instant::now() + self.config.sweep_timeout;
+        // SIGTRAP first: the int3 write refuses on it anyway, and it is the reason to give
+        // for a thread that blocks every signal.
+        let blockers = sweep::threads_settle(deadline, |tid, blocked| {
+            sweep::blocks_trap(tid, Some(blocked))
+        })?;
+        if !blockers.is_empty() {
+            return Err(Error::TrapBlocked { tids: blockers });
+        }
         let blockers = sweep::threads_settle(deadline, |tid, blocked| {
             blocked & bit != 0 && sweep::parked_pc(tid).is_none_or(inside)
         })?;

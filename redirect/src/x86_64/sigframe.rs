@@ -59,20 +59,26 @@ const SIGNO: usize = 39;
 const FPSTATE_MIN: u64 = 440;
 const FPSTATE_MAX: u64 = 640;
 
-/// The `sa_restorer`s of the handlers installed in the process, read before a sweep.
-#[derive(Debug, Clone, Copy)]
+/// What a scan needs, read before a sweep (this allocates): the `sa_restorer`s of the
+/// handlers installed in the process, and the writable mappings (where stacks are), so a
+/// scan stops at the end of the stack it is on.
+#[derive(Debug, Clone)]
 pub struct Restorers {
     addrs: [u64; MAX_RESTORERS],
     n: usize,
+    /// Sorted, disjoint `[start, end)` of the writable mappings of `/proc/self/maps`.
+    writable: Vec<(u64, u64)>,
 }
 
 impl Restorers {
     /// Reads every signal's disposition (64 `sigaction` queries) and keeps the distinct
-    /// restorers of installed handlers.
+    /// restorers of installed handlers, and reads `/proc/self/maps` (if that fails, scans
+    /// are bounded by [`MAX_SCAN`] alone).
     pub fn current() -> Restorers {
         let mut r = Restorers {
             addrs: [0; MAX_RESTORERS],
             n: 0,
+            writable: writable_mappings(),
         };
         for sig in 1..=64 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
@@ -96,6 +102,46 @@ impl Restorers {
     fn contains(&self, word: u64) -> bool {
         word != 0 && self.addrs[..self.n].contains(&word)
     }
+
+    /// Where a scan from `sp` ends: the end of the writable mapping that held `sp` when the
+    /// snapshot was taken, at most [`MAX_SCAN`] above it. A mapping made since is scanned
+    /// for [`MAX_SCAN`] (reads stop at the first unreadable page anyway).
+    fn scan_end(&self, sp: u64) -> u64 {
+        let cap = sp.saturating_add(MAX_SCAN);
+        let i = self.writable.partition_point(|&(start, _)| start <= sp);
+        match i.checked_sub(1).map(|i| self.writable[i]) {
+            Some((_, end)) if sp < end => end.min(cap),
+            _ => cap,
+        }
+    }
+}
+
+/// The writable mappings of the process, sorted, adjacent ones merged.
+fn writable_mappings() -> Vec<(u64, u64)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if perms.as_bytes().get(1) != Some(&b'w') {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        match v.last_mut() {
+            Some(last) if last.1 == a => last.1 = b,
+            _ => v.push((a, b)),
+        }
+    }
+    v
 }
 
 fn restorer_of(sig: libc::c_int) -> Option<u64> {
@@ -189,11 +235,15 @@ pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Sca
     let mut first = true;
     while r < n_regions {
         let start = regions[r] & !7;
-        let end = start.saturating_add(MAX_SCAN);
+        let end = restorers.scan_end(start);
         r += 1;
         let mut at = start;
         while at < end {
-            let got = read_words(at, &mut buf);
+            let want = (((end - at) / 8) as usize).min(buf.len());
+            if want == 0 {
+                break;
+            }
+            let got = read_words(at, &mut buf[..want]);
             if got == 0 {
                 if first {
                     return Scan::Unreadable;
@@ -226,7 +276,7 @@ pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Sca
                     n_regions += 1;
                 }
             }
-            if got < buf.len() {
+            if got < want {
                 break;
             }
             at += 8 * got as u64;

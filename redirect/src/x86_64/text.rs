@@ -116,15 +116,15 @@ impl CodeWriter {
     /// Writes the int3 of [`CodeWriter::rewrite`] at `addr` once no thread blocks SIGTRAP,
     /// and serialises cores; on any failure the original first byte is back in place.
     fn write_int3(&self, addr: u64, old_first: u8) -> Result<()> {
-        let trap = sweep::signal_bit(libc::SIGTRAP);
         let deadline = Instant::now() + self.timeout;
         loop {
-            let blockers = sweep::threads_settle(deadline, |_, blocked| blocked & trap != 0)?;
+            let blockers =
+                sweep::threads_settle(deadline, |tid, blocked| sweep::blocks_trap(tid, Some(blocked)))?;
             if !blockers.is_empty() {
                 return Err(Error::TrapBlocked { tids: blockers });
             }
             self.write(addr, &[0xCC])?;
-            match sweep::first_blocking(trap) {
+            match sweep::first_blocking_trap() {
                 Ok(None) => break,
                 found => {
                     self.write(addr, &[old_first])?;
