@@ -13,4 +13,5 @@ mod frames;
 mod load;
 mod parked;
 mod stress;
+mod signals_nested;
 mod syscalls;
