@@ -465,7 +465,7 @@ impl Patcher {
         };
         let moved = AtomicUsize::new(0);
         let found = sigframe::Found::default();
-        let restorers = sigframe::Restorers::current();
+        let restorers = sigframe::Restorers::current(self.writer.mem_fd());
         let inside = |pc: u64| (p..p + ovl).contains(&pc);
         // A context further out (a program's handler interrupted the thread there) at `p`
         // itself is harmless: it returns to the start of the new jump.
@@ -696,7 +696,7 @@ impl Patcher {
         let inside = |pc: u64| ranges.iter().any(|&(s, e)| (s..e).contains(&pc));
         let busy = AtomicBool::new(false);
         let found = sigframe::Found::default();
-        let restorers = sigframe::Restorers::current();
+        let restorers = sigframe::Restorers::current(self.writer.mem_fd());
         let action = |uc: &mut libc::ucontext_t| {
             if inside(uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64) {
                 busy.store(true, Ordering::Relaxed);

@@ -27,9 +27,10 @@
 //! (docs/ARCHITECTURE.md, "Our signals and the program's").
 //!
 //! # Async-signal safety
-//! Memory is read with `process_vm_readv` on the process itself (one system call, which
-//! fails with `EFAULT` instead of faulting on an unmapped or protected page) into a
-//! 512-byte buffer on the caller's stack; nothing allocates, no lock is taken, and the scan
+//! Memory is read with `pread` from `/proc/self/mem` (one system call, which fails instead
+//! of faulting where nothing is mapped) into a 512-byte buffer on the caller's stack, only
+//! up to the end of the writable mapping that held the stack pointer in a snapshot taken
+//! before the sweep; nothing allocates, no lock is taken, and the scan
 //! stops after [`MAX_SCAN`] bytes and [`MAX_REGIONS`] stacks.
 
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -68,17 +69,21 @@ pub struct Restorers {
     n: usize,
     /// Sorted, disjoint `[start, end)` of the writable mappings of `/proc/self/maps`.
     writable: Vec<(u64, u64)>,
+    /// An open `/proc/self/mem` (the code writer's), read with `pread`.
+    mem_fd: i32,
 }
 
 impl Restorers {
     /// Reads every signal's disposition (64 `sigaction` queries) and keeps the distinct
     /// restorers of installed handlers, and reads `/proc/self/maps` (if that fails, scans
     /// are bounded by [`MAX_SCAN`] alone).
-    pub fn current() -> Restorers {
+    /// `mem_fd` is an open `/proc/self/mem`, kept open while the scans run.
+    pub fn current(mem_fd: i32) -> Restorers {
         let mut r = Restorers {
             addrs: [0; MAX_RESTORERS],
             n: 0,
             writable: writable_mappings(),
+            mem_fd,
         };
         for sig in 1..=64 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
@@ -172,30 +177,23 @@ pub enum Scan {
     Unreadable,
 }
 
-/// Reads words at `addr` into `buf`; how many whole words were read (0 on error).
-/// Async-signal-safe.
-fn read_words(addr: u64, buf: &mut [u64]) -> usize {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: std::mem::size_of_val(buf),
+/// Reads words at `addr` into `buf` through the process's `/proc/self/mem` (`mem_fd`);
+/// how many whole words were read (0 on error). Async-signal-safe (one `pread`). The kernel
+/// fails (EIO) instead of faulting where nothing is mapped. `pread` is used rather than
+/// `process_vm_readv` because a seccomp filter for services (systemd's `@system-service`)
+/// allows it: the writer already needs that file.
+fn read_words(mem_fd: i32, addr: u64, buf: &mut [u64]) -> usize {
+    let Ok(offset) = libc::off64_t::try_from(addr) else {
+        return 0;
     };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: std::mem::size_of_val(buf),
-    };
-    // SAFETY: `local` describes `buf`, which we own mutably; the kernel reads the remote
-    // range of our own address space and fails (EFAULT) rather than faulting where it is
-    // not readable. getpid takes no arguments.
+    // SAFETY: `buf` is ours, writable, `size_of_val(buf)` bytes long; pread writes at most
+    // that many bytes into it.
     let n = unsafe {
-        let pid = libc::syscall(libc::SYS_getpid);
-        libc::syscall(
-            libc::SYS_process_vm_readv,
-            pid,
-            &local as *const libc::iovec,
-            1usize,
-            &remote as *const libc::iovec,
-            1usize,
-            0usize,
+        libc::pread64(
+            mem_fd,
+            buf.as_mut_ptr().cast(),
+            std::mem::size_of_val(buf),
+            offset,
         )
     };
     if n <= 0 {
@@ -225,7 +223,7 @@ fn plausible(at: u64, f: &[u64; FRAME_WORDS]) -> bool {
 /// Scans the stack above `sp` (the stack pointer of a thread's innermost context, or of a
 /// thread parked in the kernel) for signal frames whose interrupted pc `inside` accepts.
 /// Follows a frame's interrupted stack pointer when it lies on another stack (a handler on
-/// an alternate signal stack). Async-signal-safe; reads only through `process_vm_readv`.
+/// an alternate signal stack). Async-signal-safe; reads only through `pread`.
 pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Scan {
     let mut regions: [u64; MAX_REGIONS] = [0; MAX_REGIONS];
     regions[0] = sp;
@@ -243,7 +241,7 @@ pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Sca
             if want == 0 {
                 break;
             }
-            let got = read_words(at, &mut buf[..want]);
+            let got = read_words(restorers.mem_fd, at, &mut buf[..want]);
             if got == 0 {
                 if first {
                     return Scan::Unreadable;
@@ -257,7 +255,7 @@ pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Sca
                 }
                 let frame_at = at + 8 * i as u64;
                 let mut frame = [0u64; FRAME_WORDS];
-                if read_words(frame_at, &mut frame) != FRAME_WORDS || !plausible(frame_at, &frame)
+                if read_words(restorers.mem_fd, frame_at, &mut frame) != FRAME_WORDS || !plausible(frame_at, &frame)
                 {
                     continue;
                 }

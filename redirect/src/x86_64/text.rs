@@ -90,6 +90,12 @@ impl CodeWriter {
         self.method
     }
 
+    /// The descriptor of the writer's `/proc/self/mem` (open for the writer's life).
+    pub(crate) fn mem_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.mem.as_raw_fd()
+    }
+
     /// The sweep this writer uses.
     pub fn sweep(&self) -> &Sweep {
         &self.sweep
