@@ -22,6 +22,10 @@
 //!   first byte, each step followed by a core serialisation; threads found inside the
 //!   overwritten bytes are moved to the matching trampoline instruction before the tail is
 //!   written.
+//! - No int3 is written while another thread blocks SIGTRAP (it would be killed, with the
+//!   process, on meeting it), and the SIGTRAP handler blocks every signal, so no program
+//!   handler runs nested in it; a thread whose signal context further out lies inside the
+//!   overwritten bytes makes the write wait, then refuse ([`x86_64::sigframe`]).
 //! - Removing a site restores the original bytes exactly; its memory is reused only after a
 //!   sweep saw every thread outside it.
 //!

@@ -508,8 +508,16 @@ pub fn first_blocking_trap() -> Result<Option<i32>> {
 /// after the status was read: a thread in it then did not block SIGTRAP when it trapped
 /// (else the kernel would have killed the process), and gets its own mask back on return.
 pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
-    blocked.is_some_and(|m| m & signal_bit(libc::SIGTRAP) != 0)
-        && !crate::x86_64::trap::in_handler(tid)
+    // What the handler's full `sa_mask` blocks at least (glibc's sigfillset leaves out its
+    // two internal signals, 32 and 33; SIGKILL and SIGSTOP cannot be blocked).
+    let handler_mask =
+        !(signal_bit(libc::SIGKILL) | signal_bit(libc::SIGSTOP) | signal_bit(32) | signal_bit(33));
+    match blocked {
+        Some(m) if m & signal_bit(libc::SIGTRAP) != 0 => {
+            !(m & handler_mask == handler_mask && crate::x86_64::trap::in_handler(tid))
+        }
+        _ => false,
+    }
 }
 
 /// The bit of `signal` in a `SigBlk` mask.

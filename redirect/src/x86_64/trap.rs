@@ -191,6 +191,9 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             return;
         }
     }
+    // The program's handler is not ours: a thread in it blocks what it blocks for the
+    // program's reasons (and it may never return here, if it jumps out).
+    drop(_inside);
     chain(sig, info, ctx);
 }
 
