@@ -97,10 +97,16 @@ fn sigusr1_handler_calling_the_patched_function_during_100_cycles() {
     const CYCLES: usize = 100;
     for cycle in 0..CYCLES {
         let a = t.apply(&fix, "20s");
-        assert!(t.alive(), "cycle {cycle}: the target died during apply:\n{a}");
+        assert!(
+            t.alive(),
+            "cycle {cycle}: the target died during apply:\n{a}"
+        );
         expect_completed(&a);
         let r = t.revert("fix-usr1", "20s");
-        assert!(t.alive(), "cycle {cycle}: the target died during revert:\n{r}");
+        assert!(
+            t.alive(),
+            "cycle {cycle}: the target died during revert:\n{r}"
+        );
         expect_completed(&r);
     }
     let s = t.stats();
@@ -111,6 +117,9 @@ fn sigusr1_handler_calling_the_patched_function_during_100_cycles() {
         handled >= 2000,
         "only {handled} SIGUSR1 handled during the cycles: {s:?}"
     );
-    assert!(s["h_new"] > 0, "the handler never ran the new version: {s:?}");
+    assert!(
+        s["h_new"] > 0,
+        "the handler never ran the new version: {s:?}"
+    );
     assert!(t.alive());
 }

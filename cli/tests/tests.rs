@@ -12,6 +12,6 @@ mod cxx;
 mod frames;
 mod load;
 mod parked;
-mod stress;
 mod signals_nested;
+mod stress;
 mod syscalls;

@@ -426,7 +426,10 @@ pub fn blocked_signals(tid: i32) -> Result<Option<u64>> {
     let path = format!("/proc/self/task/{tid}/status");
     let status = match fs::read_to_string(&path) {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESRCH) =>
+        {
             return Ok(None)
         }
         Err(source) => {

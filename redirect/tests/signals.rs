@@ -67,7 +67,10 @@ fn raw_sigprocmask(how: libc::c_int, all: bool) {
 #[test]
 fn a_thread_blocking_sigtrap_refuses_the_write() {
     if child_mode().is_none() {
-        return in_child("signals::a_thread_blocking_sigtrap_refuses_the_write", "trap");
+        return in_child(
+            "signals::a_thread_blocking_sigtrap_refuses_the_write",
+            "trap",
+        );
     }
     let p = short_patcher();
     let lib = c_lib_copy("o2", "_trapblock");
@@ -110,12 +113,19 @@ fn a_thread_blocking_sigtrap_refuses_the_write() {
                 };
                 assert_eq!(tids, &vec![tid]);
                 let text = e.to_string();
-                assert!(text.contains(&tid.to_string()) && text.contains("SIGTRAP"), "{text}");
+                assert!(
+                    text.contains(&tid.to_string()) && text.contains("SIGTRAP"),
+                    "{text}"
+                );
                 eprintln!("refused: {text}");
             }
             other => panic!("expected TrapBlocked, got {other:?}"),
         }
-        assert_eq!(bytes(entry - 16, size + 16), before, "a refused write changed code");
+        assert_eq!(
+            bytes(entry - 16, size + 16),
+            before,
+            "a refused write changed code"
+        );
         assert!(p.site(entry).is_none());
     }
     unblock.store(true, Ordering::Relaxed);
@@ -206,7 +216,10 @@ fn nested_handler_case(mask_sweep_signal: bool) {
         if mask_sweep_signal {
             libc::sigaddset(&mut act.sa_mask, p.sweep().signal());
         }
-        assert_eq!(libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()), 0);
+        assert_eq!(
+            libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()),
+            0
+        );
     }
     let before = bytes(entry - 16, size + 16);
     let a = p.analyze(entry, size, PadHint::Auto).unwrap();
@@ -227,7 +240,11 @@ fn nested_handler_case(mask_sweep_signal: bool) {
         }
         other => panic!("expected InterruptedInside for thread {tid}, got {other:?}"),
     }
-    assert_eq!(bytes(entry - 16, size + 16), before, "a refused install changed code");
+    assert_eq!(
+        bytes(entry - 16, size + 16),
+        before,
+        "a refused install changed code"
+    );
     assert!(p.site(entry).is_none());
 
     RELEASE.store(true, Ordering::SeqCst);

@@ -470,29 +470,27 @@ impl Patcher {
         // A context further out (a program's handler interrupted the thread there) at `p`
         // itself is harmless: it returns to the start of the new jump.
         let outer_inside = |pc: u64| pc > p && pc < p + ovl;
-        let result = self
-            .refuse_sweep_blockers(&inside)
-            .and_then(|()| {
-                self.writer.rewrite(p, a.original[0], &entry_jump, || {
-                    let action = |uc: &mut libc::ucontext_t| {
-                        let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
-                        if let Some(to) = moved_pc(*rip as u64, p, ovl, tramp, map) {
-                            *rip = to as i64;
-                            moved.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
-                        if sigframe::scan(sp, &restorers, &outer_inside) != sigframe::Scan::Clear {
-                            found.record(sweep::gettid());
-                        }
-                    };
-                    self.sweep_all(
-                        &action,
-                        inside,
-                        (&outer_inside, &restorers, &found, p),
-                        "moving threads out of the bytes a patch site overwrites",
-                    )
-                })
-            });
+        let result = self.refuse_sweep_blockers(&inside).and_then(|()| {
+            self.writer.rewrite(p, a.original[0], &entry_jump, || {
+                let action = |uc: &mut libc::ucontext_t| {
+                    let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
+                    if let Some(to) = moved_pc(*rip as u64, p, ovl, tramp, map) {
+                        *rip = to as i64;
+                        moved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+                    if sigframe::scan(sp, &restorers, &outer_inside) != sigframe::Scan::Clear {
+                        found.record(sweep::gettid());
+                    }
+                };
+                self.sweep_all(
+                    &action,
+                    inside,
+                    (&outer_inside, &restorers, &found, p),
+                    "moving threads out of the bytes a patch site overwrites",
+                )
+            })
+        });
         self.moved
             .fetch_add(moved.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
         if result.is_err() {

@@ -255,7 +255,8 @@ pub fn scan(sp: u64, restorers: &Restorers, inside: &dyn Fn(u64) -> bool) -> Sca
                 }
                 let frame_at = at + 8 * i as u64;
                 let mut frame = [0u64; FRAME_WORDS];
-                if read_words(restorers.mem_fd, frame_at, &mut frame) != FRAME_WORDS || !plausible(frame_at, &frame)
+                if read_words(restorers.mem_fd, frame_at, &mut frame) != FRAME_WORDS
+                    || !plausible(frame_at, &frame)
                 {
                     continue;
                 }

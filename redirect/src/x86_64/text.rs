@@ -124,8 +124,9 @@ impl CodeWriter {
     fn write_int3(&self, addr: u64, old_first: u8) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            let blockers =
-                sweep::threads_settle(deadline, |tid, blocked| sweep::blocks_trap(tid, Some(blocked)))?;
+            let blockers = sweep::threads_settle(deadline, |tid, blocked| {
+                sweep::blocks_trap(tid, Some(blocked))
+            })?;
             if !blockers.is_empty() {
                 return Err(Error::TrapBlocked { tids: blockers });
             }

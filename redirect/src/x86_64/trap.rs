@@ -158,8 +158,7 @@ impl InHandler {
         ENTRIES.fetch_add(1, Ordering::SeqCst);
         let tid = crate::sweep::gettid();
         for (i, t) in IN_HANDLER.iter().enumerate() {
-            if t
-                .compare_exchange(0, tid, Ordering::SeqCst, Ordering::Relaxed)
+            if t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
             {
                 return InHandler(Some(i));
