@@ -15,5 +15,6 @@ mod frames;
 mod lifetime;
 mod load;
 mod parked;
+mod signals_nested;
 mod stress;
 mod syscalls;

@@ -191,6 +191,27 @@ pub enum Error {
         /// Blocked, or timed out.
         why: &'static str,
     },
+    /// Threads block SIGTRAP (typically with the raw `rt_sigprocmask` system call, which the
+    /// preloaded agent cannot see): one running into the int3 of a code write would be
+    /// killed by the kernel together with the whole process.
+    #[error(
+        "threads {tids:?} block SIGTRAP, so one running into the breakpoint kgpatch writes while patching would kill the process; nothing was written: unblock SIGTRAP in those threads (or load kgpatch so that it sees their signal masks) and try again"
+    )]
+    TrapBlocked {
+        /// The thread ids.
+        tids: Vec<i32>,
+    },
+    /// Threads were interrupted inside the bytes a site overwrites by a signal whose handler
+    /// is still running: they would return into the middle of the new jump.
+    #[error(
+        "threads {tids:?} were interrupted inside the bytes the patch site at {site:#x} overwrites and are still in a signal handler; nothing was changed: try again once their handlers have returned"
+    )]
+    InterruptedInside {
+        /// The patch point.
+        site: u64,
+        /// The thread ids.
+        tids: Vec<i32>,
+    },
     /// iced-x86 could not encode generated code (a bug, or an out-of-range operand).
     #[error("encoding code for the site at {entry:#x} failed: {message}")]
     Encode {

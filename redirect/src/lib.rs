@@ -24,6 +24,10 @@
 //!   written.
 //! - A child of `fork` gets private copies of all of it, taken between two write sequences
 //!   (the [fork lock](fork)), and no later write of the parent reaches it.
+//! - No int3 is written while another thread blocks SIGTRAP (it would be killed, with the
+//!   process, on meeting it), and the SIGTRAP handler blocks every signal, so no program
+//!   handler runs nested in it; a thread whose signal context further out lies inside the
+//!   overwritten bytes makes the write wait, then refuse ([`x86_64::sigframe`]).
 //! - Removing a site restores the original bytes exactly; its memory is reused only after a
 //!   sweep saw every thread outside it.
 //!

@@ -358,10 +358,18 @@ pub fn list_threads() -> Result<Vec<i32>> {
         doing: "listing the process's threads",
         source,
     })?;
-    let mut tids: Vec<i32> = dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut tids = Vec::new();
+    for entry in dir {
+        // A read error part-way would hide threads: fail rather than return a short list.
+        let entry = entry.map_err(|source| Error::Os {
+            call: "/proc/self/task",
+            doing: "listing the process's threads",
+            source,
+        })?;
+        if let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            tids.push(tid);
+        }
+    }
     tids.sort_unstable();
     Ok(tids)
 }
@@ -373,6 +381,7 @@ enum ThreadStatus {
 }
 
 fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
+    let quiet = crate::x86_64::trap::quiet_token();
     let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
         return ThreadStatus::Gone;
     };
@@ -395,14 +404,142 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     // thread running our handler right now: the signal is masked during its own handler.)
     // A thread still inside our handler from an earlier sweep also shows the signal blocked
     // and pending: while any handler runs, do not conclude.
+    // So does a thread inside kgpatch's SIGTRAP handler, which blocks every signal while it
+    // runs (a thread hammering a function whose entry holds the int3 spends most of its time
+    // there): it takes the signal when the handler returns. Only a read during which no
+    // thread ran that handler concludes.
     if mask("SigBlk:") & bit != 0
         && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0
         && INFLIGHT.load(Ordering::SeqCst) == 0
+        && crate::x86_64::trap::quiet_since(quiet)
     {
         ThreadStatus::Blocks
     } else {
         ThreadStatus::Alive
     }
+}
+
+/// The signals thread `tid` blocks (`SigBlk` of `/proc/self/task/<tid>/status`, bit `n-1`
+/// for signal `n`), or `None` when the thread is gone or exiting. Any other failure to read
+/// or parse it is an error: callers refuse rather than guess.
+pub fn blocked_signals(tid: i32) -> Result<Option<u64>> {
+    let path = format!("/proc/self/task/{tid}/status");
+    let status = match fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => {
+            return Err(Error::Os {
+                call: "/proc/self/task/<tid>/status",
+                doing: "reading which signals a thread blocks",
+                source,
+            })
+        }
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+        return Ok(None);
+    }
+    match field("SigBlk:").and_then(|m| u64::from_str_radix(m, 16).ok()) {
+        Some(mask) => Ok(Some(mask)),
+        None => Err(Error::Os {
+            call: "/proc/self/task/<tid>/status",
+            doing: "reading which signals a thread blocks (no SigBlk line)",
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        }),
+    }
+}
+
+/// Waits until every thread of the process but the caller has been seen, at least once,
+/// not to be a blocker by `is_blocker(tid, blocked_set)`, or `deadline` passes. Returns the
+/// threads still blockers then (empty: all settled). A thread that exits is settled. Reading
+/// a thread's status fails closed: the error is returned.
+///
+/// Each thread is judged on its own reads, so threads that block signals only for a moment
+/// (glibc does while it creates or ends a thread; a thread inside kgpatch's SIGTRAP handler
+/// blocks everything) settle as soon as one read finds them unblocked.
+pub fn threads_settle(
+    deadline: Instant,
+    is_blocker: impl Fn(i32, u64) -> bool,
+) -> Result<Vec<i32>> {
+    let me = gettid();
+    let mut pending: Vec<i32> = list_threads()?.into_iter().filter(|&t| t != me).collect();
+    loop {
+        let mut still = Vec::with_capacity(pending.len());
+        for &tid in &pending {
+            if let Some(mask) = blocked_signals(tid)? {
+                if is_blocker(tid, mask) {
+                    still.push(tid);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() || Instant::now() >= deadline {
+            return Ok(pending);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The first thread (but the caller) found blocking SIGTRAP, reading the thread list
+/// afresh; `Ok(None)` if none does. A thread inside kgpatch's own SIGTRAP handler (which
+/// blocks everything while it runs) does not count.
+pub fn first_blocking_trap() -> Result<Option<i32>> {
+    let me = gettid();
+    for tid in list_threads()? {
+        if tid == me {
+            continue;
+        }
+        if blocks_trap(tid, blocked_signals(tid)?) {
+            return Ok(Some(tid));
+        }
+    }
+    Ok(None)
+}
+
+/// `true` if a thread with blocked set `blocked` (`None`: gone) blocks SIGTRAP for the
+/// program's reasons, not because it runs kgpatch's SIGTRAP handler. The handler is checked
+/// after the status was read: a thread in it then did not block SIGTRAP when it trapped
+/// (else the kernel would have killed the process), and gets its own mask back on return.
+pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
+    // What the handler's full `sa_mask` blocks at least (glibc's sigfillset leaves out its
+    // two internal signals, 32 and 33; SIGKILL and SIGSTOP cannot be blocked).
+    let handler_mask =
+        !(signal_bit(libc::SIGKILL) | signal_bit(libc::SIGSTOP) | signal_bit(32) | signal_bit(33));
+    match blocked {
+        Some(m) if m & signal_bit(libc::SIGTRAP) != 0 => {
+            !(m & handler_mask == handler_mask && crate::x86_64::trap::in_handler(tid))
+        }
+        _ => false,
+    }
+}
+
+/// The bit of `signal` in a `SigBlk` mask.
+pub fn signal_bit(signal: libc::c_int) -> u64 {
+    1u64 << ((signal - 1) & 63)
+}
+
+/// The user stack pointer and pc of a thread blocked in a system call, from
+/// `/proc/self/task/<tid>/syscall`; `None` while it runs (or when the kernel does not say).
+pub fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    if text.trim() == "running" {
+        return None;
+    }
+    let mut words = text.split_whitespace().rev();
+    let hex = |w: &str| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok();
+    let pc = hex(words.next()?)?;
+    let sp = hex(words.next()?)?;
+    Some((sp, pc))
 }
 
 /// Where a thread that is not running stands, from `/proc/self/task/<tid>/syscall`: its

@@ -10,4 +10,5 @@ mod gone;
 mod hammer;
 mod install;
 mod probe;
+mod signals;
 mod sweep;

@@ -5,6 +5,7 @@ pub mod analysis;
 pub mod encode;
 pub mod memory;
 pub mod patcher;
+pub mod sigframe;
 pub mod text;
 pub mod trap;
 pub mod unwind;

@@ -11,6 +11,7 @@ use kgpatch_universe::{NewSite, Site, Version};
 use super::analysis::{analyze_bytes, PadHint, SiteAnalysis, JMP32_LEN};
 use super::encode;
 use super::memory::{self, Pool, Slot};
+use super::sigframe;
 use super::text::{CodeWriter, SyncMethod};
 use super::trap;
 use super::unwind::{self, Registered};
@@ -19,6 +20,16 @@ use crate::sweep::{self, Sweep, SweepAction};
 use crate::tls;
 
 static ALIVE: AtomicBool = AtomicBool::new(false);
+
+/// How [`Patcher::sweep_all`] looks at contexts further out than the innermost: the pcs that
+/// count, the restorers of signal frames, where handlers record threads found, and the site
+/// (for the error).
+type Outer<'a> = (
+    &'a dyn Fn(u64) -> bool,
+    &'a sigframe::Restorers,
+    &'a sigframe::Found,
+    u64,
+);
 
 /// How the patcher is set up.
 #[derive(Debug, Clone, Copy)]
@@ -461,19 +472,32 @@ impl Patcher {
                 .to_vec(),
         };
         let moved = AtomicUsize::new(0);
-        let result = self.writer.rewrite(p, a.original[0], &entry_jump, || {
-            let action = |uc: &mut libc::ucontext_t| {
-                let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
-                if let Some(to) = moved_pc(*rip as u64, p, ovl, tramp, map) {
-                    *rip = to as i64;
-                    moved.fetch_add(1, Ordering::Relaxed);
-                }
-            };
-            self.sweep_all(
-                &action,
-                |pc| (p..p + ovl).contains(&pc),
-                "moving threads out of the bytes a patch site overwrites",
-            )
+        let found = sigframe::Found::default();
+        let restorers = sigframe::Restorers::current(self.writer.mem_fd());
+        let inside = |pc: u64| (p..p + ovl).contains(&pc);
+        // A context further out (a program's handler interrupted the thread there) at `p`
+        // itself is harmless: it returns to the start of the new jump.
+        let outer_inside = |pc: u64| pc > p && pc < p + ovl;
+        let result = self.refuse_sweep_blockers(&inside).and_then(|()| {
+            self.writer.rewrite(p, a.original[0], &entry_jump, || {
+                let action = |uc: &mut libc::ucontext_t| {
+                    let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
+                    if let Some(to) = moved_pc(*rip as u64, p, ovl, tramp, map) {
+                        *rip = to as i64;
+                        moved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+                    if sigframe::scan(sp, &restorers, &outer_inside) != sigframe::Scan::Clear {
+                        found.record(sweep::gettid());
+                    }
+                };
+                self.sweep_all(
+                    &action,
+                    inside,
+                    (&outer_inside, &restorers, &found, p),
+                    "moving threads out of the bytes a patch site overwrites",
+                )
+            })
         });
         self.moved
             .fetch_add(moved.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
@@ -486,32 +510,82 @@ impl Patcher {
         result
     }
 
+    /// Refuses, before anything is written, when a thread blocks the sweep signal while it
+    /// might stand in the bytes about to be overwritten: it runs (its pc cannot be known), or
+    /// it is parked in the kernel at a pc `inside` them. Threads that block it only for a
+    /// moment settle within the sweep timeout.
+    fn refuse_sweep_blockers(&self, inside: &dyn Fn(u64) -> bool) -> Result<()> {
+        let signal = self.writer.sweep().signal();
+        let bit = sweep::signal_bit(signal);
+        let deadline = std::time::Instant::now() + self.config.sweep_timeout;
+        // SIGTRAP first: the int3 write refuses on it anyway, and it is the reason to give
+        // for a thread that blocks every signal.
+        let blockers = sweep::threads_settle(deadline, |tid, blocked| {
+            sweep::blocks_trap(tid, Some(blocked))
+        })?;
+        if !blockers.is_empty() {
+            return Err(Error::TrapBlocked { tids: blockers });
+        }
+        let blockers = sweep::threads_settle(deadline, |tid, blocked| {
+            blocked & bit != 0 && sweep::parked_pc(tid).is_none_or(inside)
+        })?;
+        if blockers.is_empty() {
+            return Ok(());
+        }
+        Err(Error::ThreadsUnreachable {
+            signal,
+            tids: blockers,
+            why: "they block it while running, so kgpatch cannot see whether they stand in the bytes it would overwrite",
+        })
+    }
+
     /// Runs `action` in every thread until each has run it or is parked in the kernel at a
     /// pc that `busy` rejects (a thread blocking the signal, typically in sigwait or a
-    /// futex). Threads it could not settle are sent the signal again until the deadline.
+    /// futex), and no thread has a signal frame further out whose interrupted pc `outer`
+    /// accepts (the action records those in `found`; for parked threads their stack is
+    /// scanned from here). Threads it could not settle are sent the signal again until the
+    /// deadline.
     fn sweep_all(
         &self,
         action: SweepAction<'_>,
         busy: impl Fn(u64) -> bool,
+        (outer, restorers, found, site): Outer<'_>,
         why: &'static str,
     ) -> Result<()> {
         let deadline = std::time::Instant::now() + self.config.sweep_timeout;
         loop {
             let report = self.writer.sweep().run(action, self.config.sweep_timeout)?;
-            let stuck: Vec<i32> = report
-                .blocked
-                .iter()
-                .chain(&report.timed_out)
-                .copied()
-                .filter(|&tid| {
-                    sweep::parked_pc(tid).is_none_or(&busy)
-                        && std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
-                })
-                .collect();
-            if stuck.is_empty() {
+            // Every handler of the run has returned (`run` waits for them).
+            let mut nested = found.take();
+            let mut stuck = Vec::new();
+            for &tid in report.blocked.iter().chain(&report.timed_out) {
+                if !std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() {
+                    continue;
+                }
+                match sweep::parked_sp_pc(tid) {
+                    None => stuck.push(tid),
+                    Some((_, pc)) if busy(pc) => stuck.push(tid),
+                    Some((sp, pc)) => {
+                        // Parked outside: its stack does not change while it sleeps. A
+                        // frame further out inside the bytes, or a stack that cannot be
+                        // read, keeps it; so does waking up meanwhile.
+                        if sigframe::scan(sp, restorers, outer) != sigframe::Scan::Clear {
+                            nested.push(tid);
+                        } else if sweep::parked_sp_pc(tid) != Some((sp, pc)) {
+                            stuck.push(tid);
+                        }
+                    }
+                }
+            }
+            if stuck.is_empty() && nested.is_empty() {
                 return Ok(());
             }
             if std::time::Instant::now() >= deadline {
+                if !nested.is_empty() {
+                    nested.sort_unstable();
+                    nested.dedup();
+                    return Err(Error::InterruptedInside { site, tids: nested });
+                }
                 return Err(Error::ThreadsUnreachable {
                     signal: self.writer.sweep().signal(),
                     tids: stuck,
@@ -680,12 +754,25 @@ impl Patcher {
             .collect();
         let inside = |pc: u64| ranges.iter().any(|&(s, e)| (s..e).contains(&pc));
         let busy = AtomicBool::new(false);
+        let found = sigframe::Found::default();
+        let restorers = sigframe::Restorers::current(self.writer.mem_fd());
         let action = |uc: &mut libc::ucontext_t| {
             if inside(uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64) {
                 busy.store(true, Ordering::Relaxed);
             }
+            // A context further out in the memory (a program's handler interrupted the
+            // thread in a stub) would return into it after it is reused.
+            let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+            if sigframe::scan(sp, &restorers, &inside) != sigframe::Scan::Clear {
+                busy.store(true, Ordering::Relaxed);
+            }
         };
-        let swept = self.sweep_all(&action, inside, "checking stub memory is unused");
+        let swept = self.sweep_all(
+            &action,
+            inside,
+            (&inside, &restorers, &found, 0),
+            "checking stub memory is unused",
+        );
         if busy.load(Ordering::Relaxed) || swept.is_err() {
             return Ok(0);
         }

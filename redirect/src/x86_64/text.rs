@@ -10,10 +10,10 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sweep::{Sweep, SweepAction};
+use crate::sweep::{self, Sweep, SweepAction};
 
 const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
@@ -90,6 +90,12 @@ impl CodeWriter {
         self.method
     }
 
+    /// The descriptor of the writer's `/proc/self/mem` (open for the writer's life).
+    pub(crate) fn mem_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.mem.as_raw_fd()
+    }
+
     /// The sweep this writer uses.
     pub fn sweep(&self) -> &Sweep {
         &self.sweep
@@ -111,6 +117,37 @@ impl CodeWriter {
                 doing: "writing code",
                 source,
             })
+    }
+
+    /// Writes the int3 of [`CodeWriter::rewrite`] at `addr` once no thread blocks SIGTRAP,
+    /// and serialises cores; on any failure the original first byte is back in place.
+    fn write_int3(&self, addr: u64, old_first: u8) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let blockers = sweep::threads_settle(deadline, |tid, blocked| {
+                sweep::blocks_trap(tid, Some(blocked))
+            })?;
+            if !blockers.is_empty() {
+                return Err(Error::TrapBlocked { tids: blockers });
+            }
+            self.write(addr, &[0xCC])?;
+            match sweep::first_blocking_trap() {
+                Ok(None) => break,
+                found => {
+                    self.write(addr, &[old_first])?;
+                    self.sync()?;
+                    let tid = found?.unwrap_or_default();
+                    if Instant::now() >= deadline {
+                        return Err(Error::TrapBlocked { tids: vec![tid] });
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.sync() {
+            self.write(addr, &[old_first])?;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Makes every core of every thread of the process serialise its instruction stream.
@@ -146,6 +183,16 @@ impl CodeWriter {
     /// sync, write the first byte, sync. A thread hitting the int3 meanwhile is sent on by
     /// the SIGTRAP handler (the caller registered the address). If `between` fails, the first
     /// byte is put back and nothing else changed.
+    ///
+    /// A thread that runs into the int3 while it blocks SIGTRAP is killed by the kernel, with
+    /// the whole process. So before the int3 is written every other thread must have been
+    /// seen not blocking SIGTRAP (`/proc/self/task/*/status`, waiting up to the writer's
+    /// timeout for threads that block it only for a moment), and right after it is written
+    /// every thread is read again: if one blocks SIGTRAP now, the original byte goes back at
+    /// once and the write starts over, until the timeout ends it with
+    /// [`Error::TrapBlocked`]. A failed read of `/proc` is a refusal too (nothing written,
+    /// or the first byte put back). What remains is the time between the last read and a
+    /// thread's arrival at the int3 (docs/ARCHITECTURE.md, "Our signals and the program's").
     pub fn rewrite(
         &self,
         addr: u64,
@@ -153,8 +200,7 @@ impl CodeWriter {
         new: &[u8],
         between: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
-        self.write(addr, &[0xCC])?;
-        self.sync()?;
+        self.write_int3(addr, old_first)?;
         if let Err(e) = between() {
             self.write(addr, &[old_first])?;
             self.sync()?;

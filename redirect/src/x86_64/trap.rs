@@ -2,12 +2,15 @@
 //! equivalent to the instruction being rewritten, re-executes the instruction when the int3
 //! is already gone (a late trap), and hands every other trap to the handler the program had.
 //!
+//! It runs with every signal blocked, so no handler of the program (which might call a
+//! patched function and meet the int3 with SIGTRAP blocked) nests inside it.
+//!
 //! # Async-signal safety
 //! The handler reads a fixed table of atomics (no allocation, no lock, bounded scan), one
 //! byte of code, and the saved previous disposition (written once before the handler is
 //! installed).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -60,15 +63,15 @@ pub fn install() -> Result<()> {
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = on_sigtrap as *const () as usize;
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-    // Real-time signals wait while the trap handler runs: it may run on a small alternate
-    // stack (Rust gives every thread 8 KiB), and a sweep's handler (a whole stack walk)
-    // delivered on top of it there would overflow it.
-    // SAFETY: `act.sa_mask` is a valid sigset; the signal numbers are valid.
+    // Every signal waits while the trap handler runs. A program's handler nested in it
+    // would run with SIGTRAP blocked (the kernel blocks a signal during its own handler),
+    // and if it called a function whose entry holds our int3 the kernel would kill the
+    // process (issue 10, item 6). And the handler may run on a small alternate stack (Rust
+    // gives every thread 8 KiB), where a sweep's handler (a whole stack walk) delivered on
+    // top of it would overflow it. The handler is short and bounded, so nothing waits long.
+    // SAFETY: `act.sa_mask` is a valid sigset to fill.
     unsafe {
-        libc::sigemptyset(&mut act.sa_mask);
-        for sig in libc::SIGRTMIN()..=libc::SIGRTMAX() {
-            libc::sigaddset(&mut act.sa_mask, sig);
-        }
+        libc::sigfillset(&mut act.sa_mask);
     }
     // SAFETY: `act` is initialised; the handler is async-signal-safe.
     if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
@@ -116,7 +119,69 @@ pub fn register(addr: u64, dest: u64) -> Result<()> {
     Ok(())
 }
 
+/// Threads running [`on_sigtrap`] right now (0 = free slot). Such a thread shows every
+/// signal blocked in `/proc`, which is not the program blocking SIGTRAP: the code writer's
+/// checks must not take it for one.
+static IN_HANDLER: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+/// Threads in the handler that found no free slot: while non-zero, [`in_handler`] cannot
+/// tell, and says no (the writer then waits or refuses: the safe side).
+static IN_HANDLER_OVERFLOW: AtomicUsize = AtomicUsize::new(0);
+
+/// Entries into the handler, ever: a reader of `/proc` that saw the same count before and
+/// after its read, and no thread inside, knows no thread was in the handler meanwhile.
+static ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// A token for [`quiet_since`]: the entry count, or `None` while some thread is inside.
+pub fn quiet_token() -> Option<u64> {
+    let n = ENTRIES.load(Ordering::SeqCst);
+    let busy = IN_HANDLER_OVERFLOW.load(Ordering::SeqCst) != 0
+        || IN_HANDLER.iter().any(|t| t.load(Ordering::SeqCst) != 0);
+    (!busy).then_some(n)
+}
+
+/// `true` if no thread ran the handler between `quiet_token()` returning `token` and now.
+pub fn quiet_since(token: Option<u64>) -> bool {
+    token.is_some() && quiet_token() == token
+}
+
+/// `true` if thread `tid` is running kgpatch's SIGTRAP handler now (so the signals it
+/// blocks are the handler's, not the program's).
+pub fn in_handler(tid: i32) -> bool {
+    tid != 0 && IN_HANDLER.iter().any(|t| t.load(Ordering::SeqCst) == tid)
+}
+
+/// Marks the calling thread as inside the handler until dropped. Async-signal-safe.
+struct InHandler(Option<usize>);
+
+impl InHandler {
+    fn enter() -> InHandler {
+        ENTRIES.fetch_add(1, Ordering::SeqCst);
+        let tid = crate::sweep::gettid();
+        for (i, t) in IN_HANDLER.iter().enumerate() {
+            if t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            {
+                return InHandler(Some(i));
+            }
+        }
+        IN_HANDLER_OVERFLOW.fetch_add(1, Ordering::SeqCst);
+        InHandler(None)
+    }
+}
+
+impl Drop for InHandler {
+    fn drop(&mut self) {
+        match self.0 {
+            Some(i) => IN_HANDLER[i].store(0, Ordering::SeqCst),
+            None => {
+                IN_HANDLER_OVERFLOW.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _inside = InHandler::enter();
     if !info.is_null() && !ctx.is_null() {
         // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler,
         // ours alone for the duration of the handler.
@@ -125,6 +190,9 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             return;
         }
     }
+    // The program's handler is not ours: a thread in it blocks what it blocks for the
+    // program's reasons (and it may never return here, if it jumps out).
+    drop(_inside);
     chain(sig, info, ctx);
 }
 

@@ -182,6 +182,11 @@ pub fn asm_lib_copy(tag: &str) -> &'static Lib {
     load(&format!("fix_asm{tag}"), "gcc", &["fixtures_asm.S"], &[])
 }
 
+/// The assembly fixture whose second instruction faults (issue 10's nested-handler case).
+pub fn nested_lib() -> &'static Lib {
+    load("fix_nested", "gcc", &["nested_asm.S"], &[])
+}
+
 /// The C++ fixture.
 pub fn cxx_lib() -> &'static Lib {
     load(
