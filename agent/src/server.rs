@@ -213,9 +213,9 @@ fn handle(req: Request, driver: &mut Driver) -> Response {
         },
         Request::Status => Response::Status(Box::new(driver.status())),
         Request::Force => match driver.force() {
-            Ok(t) => {
+            Ok(r) => {
                 driver.tick();
-                Response::Forced { t }
+                r
             }
             Err(e) => failed(e),
         },

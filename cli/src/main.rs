@@ -6,7 +6,7 @@
 //! Exit codes: 0 success (with `--no-wait`: the transition began); 1 the agent refused or the
 //! operation failed (the target is as it was); 2 bad usage; 3 the process or its agent cannot
 //! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
-//! it pending at its deadline).
+//! it pending at its deadline, or `force` could not move every thread).
 
 mod client;
 mod render;
@@ -93,7 +93,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move the remaining threads without a stack check (loudly unsafe).
+    /// Move the remaining threads without a stack check (loudly unsafe). Names the threads it
+    /// cannot move (those blocking the migration signal); exit 4 if any remain.
     Force {
         /// The process.
         pid: u32,
@@ -227,9 +228,14 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Force { pid } => match request(pid, &Request::Force)? {
-            Response::Forced { t } => {
-                eprintln!("kgpatch: WARNING: transition {t} forced: the remaining threads move without a stack check and may keep running code the patch replaced");
-                Ok(0)
+            Response::Forced {
+                t,
+                completed,
+                moved,
+                unmoved,
+            } => {
+                eprint!("{}", render::forced(t, completed, moved, &unmoved));
+                Ok(if completed { 0 } else { EXIT_INCOMPLETE })
             }
             Response::Error { kind, message } => Err(refused(kind, message)),
             other => anyhow::bail!("unexpected answer from the agent: {other:?}"),

@@ -9,6 +9,7 @@ mod harness;
 
 mod bad_input;
 mod cxx;
+mod force;
 mod frames;
 mod load;
 mod parked;
