@@ -99,7 +99,8 @@ enum Command {
         /// The process.
         pid: u32,
     },
-    /// List processes that run a kgpatch agent.
+    /// List processes that run a kgpatch agent (and remove stale sockets of processes that
+    /// are gone).
     Ps,
     /// Print what a patch module needs to name a function of a target: its size and
     /// checksum, as the KGPATCH_REPLACE macros (C) and `replace!` (Rust) take them.
@@ -394,10 +395,18 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
     }
 }
 
-/// Processes with an agent socket in the runtime directories this user can see.
+/// Processes with an agent socket in the runtime directories this user can see. Stale
+/// sockets in this user's own runtime directory (left by processes that are gone) are
+/// removed first, and said so on stderr.
 fn ps() {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
+    for stale in kgpatch_agent::prune_stale_sockets(&kgpatch_agent::runtime_dir(me), None) {
+        eprintln!(
+            "kgpatch: removed {}: no agent serves it any more",
+            stale.display()
+        );
+    }
     let mut dirs = vec![kgpatch_agent::runtime_dir(me)];
     if me == 0 {
         if let Ok(rd) = std::fs::read_dir("/tmp") {

@@ -13,5 +13,6 @@ mod force;
 mod frames;
 mod load;
 mod parked;
+mod sockets;
 mod stress;
 mod syscalls;
