@@ -8,5 +8,6 @@ mod differential;
 mod generated;
 mod hammer;
 mod install;
+mod padding;
 mod probe;
 mod sweep;
