@@ -205,9 +205,15 @@ impl Driver {
         let needed = self.universe.sites_needed(&spec);
         let mut analyses = Vec::new();
         for f in functions.iter().filter(|f| needed.contains(&f.1)) {
+            // With the padding after it: a function shorter than the site may use it.
+            let room = resolved
+                .functions
+                .iter()
+                .find(|r| r.old_address == f.1)
+                .map_or(f.4, |r| r.old_room);
             let a = self
                 .patcher
-                .analyze(f.1, f.4, PadHint::Auto)
+                .analyze(f.1, room, PadHint::Auto)
                 .map_err(|source| AgentError::Unpatchable {
                     function: f.0.clone(),
                     source,

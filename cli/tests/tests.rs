@@ -13,6 +13,7 @@ mod force;
 mod frames;
 mod load;
 mod parked;
+mod short;
 mod sockets;
 mod stress;
 mod syscalls;
