@@ -483,10 +483,13 @@ impl Driver {
                     unmoved: Vec::new(),
                 });
             }
+            // None pending but not complete (a handler still in flight): sweep again.
             let only_blockers = self.status().transition.is_some_and(|tr| {
-                tr.pending
-                    .iter()
-                    .all(|th| th.blocker == Some(BlockerInfo::SignalBlocked))
+                !tr.pending.is_empty()
+                    && tr
+                        .pending
+                        .iter()
+                        .all(|th| th.blocker == Some(BlockerInfo::SignalBlocked))
             });
             if only_blockers {
                 break;

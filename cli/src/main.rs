@@ -236,7 +236,11 @@ fn run(cli: Cli) -> Result<u8> {
                 unmoved,
             } => {
                 eprint!("{}", render::forced(t, completed, moved, &unmoved));
-                Ok(if completed { 0 } else { EXIT_INCOMPLETE })
+                Ok(if completed || unmoved.is_empty() {
+                    0
+                } else {
+                    EXIT_INCOMPLETE
+                })
             }
             Response::Error { kind, message } => Err(refused(kind, message)),
             other => anyhow::bail!("unexpected answer from the agent: {other:?}"),

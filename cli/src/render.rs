@@ -111,6 +111,13 @@ pub fn forced(t: u64, completed: bool, moved: usize, unmoved: &[ThreadInfo]) -> 
         let _ = writeln!(out, "kgpatch: transition {t} completed");
         return out;
     }
+    if unmoved.is_empty() {
+        let _ = writeln!(
+            out,
+            "kgpatch: every thread moved; transition {t} completes at the agent's next step"
+        );
+        return out;
+    }
     let _ = writeln!(
         out,
         "kgpatch: force cannot move {} {}; transition {t} stays pending (forced) until they move:",
