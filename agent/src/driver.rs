@@ -328,9 +328,15 @@ impl Driver {
         let needed = self.universe.sites_needed(&spec);
         let mut analyses = Vec::new();
         for f in functions.iter().filter(|f| needed.contains(&f.1)) {
+            // With the padding after it: a function shorter than the site may use it.
+            let room = resolved
+                .functions
+                .iter()
+                .find(|r| r.old_address == f.1)
+                .map_or(f.4, |r| r.old_room);
             let a = self
                 .patcher
-                .analyze(f.1, f.4, PadHint::Auto)
+                .analyze(f.1, room, PadHint::Auto)
                 .map_err(|source| AgentError::Unpatchable {
                     function: f.0.clone(),
                     source,
@@ -664,18 +670,66 @@ impl Driver {
         Ok(())
     }
 
-    /// Lifts the stack check for the transition in progress.
-    pub fn force(&mut self) -> Result<u64, AgentError> {
+    /// Lifts the stack check for the transition in progress and sweeps the threads at once,
+    /// a few rounds (at most `FORCE_ROUNDS` sweeps of `SWEEP_WAIT` each), until the transition completes or
+    /// only threads that block the migration signal are left. The answer says what moved and
+    /// names the threads force cannot move: a thread that blocks the signal never runs the
+    /// handler, so it moves only at a quiescent point or once it unblocks the signal.
+    pub fn force(&mut self) -> Result<crate::protocol::Response, AgentError> {
+        const FORCE_ROUNDS: usize = 10;
         self.universe.force()?;
         let t = self.universe.transition().map_or(0, |t| t.t);
         warn!(
             t,
             "transition forced: remaining threads move without a stack check"
         );
+        let before = self.status().transition;
+        let (migrated_before, total_before) =
+            before.as_ref().map_or((0, 0), |tr| (tr.migrated, tr.total));
+        for _ in 0..FORCE_ROUNDS {
+            self.sweep();
+            if self.try_finish() {
+                let moved = total_before.saturating_sub(migrated_before);
+                return Ok(crate::protocol::Response::Forced {
+                    t,
+                    completed: true,
+                    moved,
+                    unmoved: Vec::new(),
+                });
+            }
+            // None pending but not complete (a handler still in flight): sweep again.
+            let only_blockers = self.status().transition.is_some_and(|tr| {
+                !tr.pending.is_empty()
+                    && tr
+                        .pending
+                        .iter()
+                        .all(|th| th.blocker == Some(BlockerInfo::SignalBlocked))
+            });
+            if only_blockers {
+                break;
+            }
+        }
         if let Some(p) = &mut self.pending {
             p.next_sweep = Instant::now();
         }
-        Ok(t)
+        let after = self.status().transition;
+        let moved = after
+            .as_ref()
+            .map_or(0, |tr| tr.migrated.saturating_sub(migrated_before));
+        let unmoved = after.map_or_else(Vec::new, |tr| tr.pending);
+        if !unmoved.is_empty() {
+            warn!(
+                t,
+                unmoved = unmoved.len(),
+                "force cannot move every thread; the transition stays pending"
+            );
+        }
+        Ok(crate::protocol::Response::Forced {
+            t,
+            completed: false,
+            moved,
+            unmoved,
+        })
     }
 
     /// When the driver next needs to run, if a transition is in progress.

@@ -44,7 +44,7 @@ use std::sync::OnceLock;
 pub use driver::migration_signal;
 pub use error::AgentError;
 pub use migrate::quiescent;
-pub use server::{runtime_dir, socket_path};
+pub use server::{prune_stale_sockets, runtime_dir, socket_path};
 
 static STARTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);

@@ -98,10 +98,24 @@ pub enum Response {
         /// Its number.
         t: u64,
     },
-    /// `force` was accepted.
+    /// `force` was accepted: the stack check is lifted, and the agent swept the threads
+    /// at once. Says exactly what force moved and what it cannot move.
     Forced {
         /// The transition forced.
         t: u64,
+        /// Every thread reached the goal: the transition completed.
+        #[serde(default)]
+        completed: bool,
+        /// Threads that force's sweep moved without a stack check.
+        #[serde(default)]
+        moved: usize,
+        /// Threads force could not move. A thread that blocks the migration signal
+        /// (`SignalBlocked`) moves only at a `quiescent()` call or when it unblocks the
+        /// signal; any other did not take the signal in time (stopped, not scheduled) and
+        /// is retried.
+        /// The transition stays pending (and forced) until they move.
+        #[serde(default)]
+        unmoved: Vec<ThreadInfo>,
     },
     /// The state of the agent.
     Status(Box<Status>),

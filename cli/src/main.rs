@@ -7,7 +7,7 @@
 //! operation failed (the target is as it was), or a transition completed but a site's bytes
 //! could not be written back (each problem is printed); 2 bad usage; 3 the process or its agent cannot
 //! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
-//! it pending at its deadline).
+//! it pending at its deadline, or `force` could not move every thread).
 
 mod client;
 mod render;
@@ -94,7 +94,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move the remaining threads without a stack check (loudly unsafe).
+    /// Move the remaining threads without a stack check (loudly unsafe). Names the threads it
+    /// cannot move (those blocking the migration signal); exit 4 if any remain.
     Force {
         /// The process.
         pid: u32,
@@ -113,7 +114,8 @@ enum Command {
         /// The patch's name (see `kgpatch status`, "reverted modules still mapped").
         patch: String,
     },
-    /// List processes that run a kgpatch agent.
+    /// List processes that run a kgpatch agent (and remove stale sockets of processes that
+    /// are gone).
     Ps,
     /// Print what a patch module needs to name a function of a target: its size and
     /// checksum, as the KGPATCH_REPLACE macros (C) and `replace!` (Rust) take them.
@@ -242,9 +244,18 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Force { pid } => match request(pid, &Request::Force)? {
-            Response::Forced { t } => {
-                eprintln!("kgpatch: WARNING: transition {t} forced: the remaining threads move without a stack check and may keep running code the patch replaced");
-                Ok(0)
+            Response::Forced {
+                t,
+                completed,
+                moved,
+                unmoved,
+            } => {
+                eprint!("{}", render::forced(t, completed, moved, &unmoved));
+                Ok(if completed || unmoved.is_empty() {
+                    0
+                } else {
+                    EXIT_INCOMPLETE
+                })
             }
             Response::Error { kind, message } => Err(refused(kind, message)),
             other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
@@ -420,10 +431,18 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
     }
 }
 
-/// Processes with an agent socket in the runtime directories this user can see.
+/// Processes with an agent socket in the runtime directories this user can see. Stale
+/// sockets in this user's own runtime directory (left by processes that are gone) are
+/// removed first, and said so on stderr.
 fn ps() {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
+    for stale in kgpatch_agent::prune_stale_sockets(&kgpatch_agent::runtime_dir(me), None) {
+        eprintln!(
+            "kgpatch: removed {}: no agent serves it any more",
+            stale.display()
+        );
+    }
     let mut dirs = vec![kgpatch_agent::runtime_dir(me)];
     if me == 0 {
         if let Ok(rd) = std::fs::read_dir("/tmp") {

@@ -1,8 +1,10 @@
-//! Human output of `status`, `list` and the live progress of a transition.
+//! Human output of `status`, `list`, `force` and the live progress of a transition.
 
 use std::fmt::Write as _;
 
-use kgpatch_agent::protocol::{BlockerInfo, Kind, Outcome, OutcomeKind, Status, TransitionInfo};
+use kgpatch_agent::protocol::{
+    BlockerInfo, Kind, Outcome, OutcomeKind, Status, ThreadInfo, TransitionInfo,
+};
 
 fn kind(k: Kind) -> &'static str {
     match k {
@@ -99,6 +101,45 @@ pub fn transition(t: &TransitionInfo) -> String {
                 blocker(&th.blocker)
             );
         }
+    }
+    out
+}
+
+/// `kgpatch force`'s answer: what force moved, and each thread it cannot move with why.
+pub fn forced(t: u64, completed: bool, moved: usize, unmoved: &[ThreadInfo]) -> String {
+    let threads = |n: usize| if n == 1 { "thread" } else { "threads" };
+    let mut out = format!(
+        "kgpatch: WARNING: transition {t} forced: the stack check is lifted; {moved} {} moved without it and may keep running code the patch replaced\n",
+        threads(moved)
+    );
+    if completed {
+        let _ = writeln!(out, "kgpatch: transition {t} completed");
+        return out;
+    }
+    if unmoved.is_empty() {
+        let _ = writeln!(
+            out,
+            "kgpatch: every thread moved; transition {t} completes at the agent's next step"
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "kgpatch: force cannot move {} {}; transition {t} stays pending (forced) until they move:",
+        unmoved.len(),
+        threads(unmoved.len())
+    );
+    let _ = writeln!(out, "  {:>8}  {:<16} why", "tid", "name");
+    for th in unmoved {
+        // With the stack check lifted, a frame no longer holds a thread back: only the
+        // signal not being taken does.
+        let why = match &th.blocker {
+            Some(BlockerInfo::SignalBlocked) => {
+                "blocks the migration signal: moves only at a quiescent point or when it unblocks the signal"
+            }
+            _ => "did not take the migration signal in time (stopped, or not scheduled): retried",
+        };
+        let _ = writeln!(out, "  {:>8}  {:<16} {}", th.tid, th.name, why);
     }
     out
 }

@@ -70,6 +70,11 @@ pub struct TargetSymbol {
     pub value: u64,
     /// `st_size`.
     pub size: u64,
+    /// Bytes from `value` to the next symbol of its section (at or after `value + size`) or
+    /// the section's end: the function and the alignment padding after it. Equal to `size`
+    /// when the table is `.dynsym` (unnamed static functions may lie in between) or the
+    /// section is unknown.
+    pub room: u64,
 }
 
 /// A `PT_LOAD` segment.
@@ -202,8 +207,15 @@ pub(crate) fn read_target(
             .map_err(|err| bad(path, err))?
     };
     let mut symbols = Vec::new();
+    // (section, value) of every defined symbol, and each kept symbol's section: for `room`.
+    let mut starts: Vec<(usize, u64)> = Vec::new();
+    let mut sections_of: Vec<usize> = Vec::new();
     let mut file: Option<String> = None;
     for sym in syms.iter().skip(1) {
+        let shndx = usize::from(sym.st_shndx(e));
+        if sym.st_shndx(e) != elf::SHN_UNDEF && shndx < usize::from(elf::SHN_LORESERVE) {
+            starts.push((shndx, sym.st_value(e)));
+        }
         let st_type = sym.st_type();
         let name = name_at(strtab, sym.st_name(e)).ok_or_else(|| KmodError::NotElf {
             path: path.to_owned(),
@@ -238,7 +250,34 @@ pub(crate) fn read_target(
             kind,
             value: sym.st_value(e),
             size: sym.st_size(e),
+            room: sym.st_size(e),
         });
+        sections_of.push(shndx);
+    }
+    if table == SymbolTable::Symtab {
+        starts.sort_unstable();
+        let sections = elf.elf_section_table();
+        for (s, &shndx) in symbols.iter_mut().zip(&sections_of) {
+            let Ok(section) = sections.section(object::SectionIndex(shndx)) else {
+                continue;
+            };
+            let (addr, len) = (section.sh_addr(e), section.sh_size(e));
+            let Some(body_end) = s.value.checked_add(s.size) else {
+                continue;
+            };
+            let Some(section_end) = addr.checked_add(len) else {
+                continue;
+            };
+            if s.value < addr || body_end > section_end {
+                continue;
+            }
+            let from = starts.partition_point(|&(sec, v)| (sec, v) < (shndx, body_end));
+            let next = starts
+                .get(from)
+                .filter(|&&(sec, _)| sec == shndx)
+                .map_or(section_end, |&(_, v)| v.min(section_end));
+            s.room = next - s.value;
+        }
     }
     Ok(TargetInfo {
         path: path.to_owned(),

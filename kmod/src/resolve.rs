@@ -47,6 +47,10 @@ pub struct ResolvedFunction {
     pub old_address: u64,
     /// Its size in bytes.
     pub old_size: u64,
+    /// Its size and the alignment padding after it, up to the next symbol or its section's
+    /// end (`old_size` when only `.dynsym` names it): what the redirect may overwrite when
+    /// the function is shorter than its site and the bytes there are provably padding.
+    pub old_room: u64,
     /// The module's replacement symbol.
     pub new_symbol: String,
     /// Runtime address of the replacement.
@@ -429,6 +433,7 @@ pub fn resolve_against(
             old_file: sym.file.clone(),
             old_address: bias.wrapping_add(sym.value),
             old_size: sym.size,
+            old_room: sym.room.max(sym.size),
             new_symbol: entry.new_symbol.clone(),
             new_address: module_bias.wrapping_add(new),
             new_size,

@@ -9,6 +9,7 @@ mod generated;
 mod gone;
 mod hammer;
 mod install;
+mod padding;
 mod probe;
 mod signals;
 mod sweep;

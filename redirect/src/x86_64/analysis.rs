@@ -7,6 +7,15 @@
 //! jump goes in the pad and the patch point gets a 2-byte `jmp rel8` to it. The whole
 //! instructions covering the jump's bytes are the *overwritten* instructions; they are
 //! relocated into a trampoline for the original version.
+//!
+//! **Padding after a short function.** A function shorter than the jump (`mov eax, edi; ret`)
+//! can still hold it when the caller passes, as its size, the distance to the next symbol or
+//! the section's end, and the bytes there are provably padding: the function's first
+//! unconditional exit (`ret`, `jmp`) is followed, up to the end of the bytes given, only by
+//! NOPs and `int3`, and no instruction before it branches into them. Nothing executes
+//! padding, so the jump may overwrite it (the trampoline copies it, unreachable after the
+//! exit). Otherwise the overwritten bytes may not reach past that first exit: bytes after an
+//! exit that only an indirect jump could reach are never overwritten.
 
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
@@ -46,6 +55,7 @@ pub struct SiteAnalysis {
     pub(crate) pad_original: Vec<u8>,
     pub(crate) instructions: Vec<Instruction>,
     pub(crate) reach: Vec<u64>,
+    pub(crate) padding: u64,
 }
 
 impl SiteAnalysis {
@@ -93,6 +103,12 @@ impl SiteAnalysis {
             .collect()
     }
 
+    /// Bytes of padding after the function's last instruction that the site overwrites (0
+    /// unless the function is shorter than the jump; see the module docs).
+    pub fn padding_overwritten(&self) -> u64 {
+        self.padding
+    }
+
     /// Addresses a trampoline for this site must reach with 32-bit displacements.
     pub fn reach(&self) -> &[u64] {
         &self.reach
@@ -105,9 +121,10 @@ fn text(i: &Instruction) -> String {
     out
 }
 
-/// Analyses the function at `entry` whose bytes are `code` (its whole body, `code.len()` is
-/// its size). `before` holds the bytes right before the entry (any length, may be empty),
-/// for pad detection.
+/// Analyses the function at `entry` whose bytes are `code`: its whole body (`code.len()` is
+/// its size), optionally followed by the bytes up to the next symbol or the end of its
+/// section (its alignment padding; see the module docs). `before` holds the bytes right
+/// before the entry (any length, may be empty), for pad detection.
 pub fn analyze_bytes(
     entry: u64,
     code: &[u8],
@@ -145,6 +162,8 @@ pub fn analyze_bytes(
     while decoder.can_decode() {
         all.push(decoder.decode());
     }
+    let exit = first_exit(&all);
+    let padding_ok = exit.is_some_and(|e| is_padding(&all, e, entry + size));
 
     // The overwritten instructions: whole instructions from the patch point covering the jump.
     let mut instructions = Vec::new();
@@ -156,6 +175,14 @@ pub fn analyze_bytes(
     for ins in &all[start..] {
         if covered >= jump_len {
             break;
+        }
+        if let Some(e) = exit.filter(|&e| ins.ip() >= e && !padding_ok) {
+            // Past the function's first exit, with no provable padding there.
+            return Err(Refusal::TooShort {
+                entry,
+                size: e - entry,
+                needed,
+            });
         }
         if ins.is_invalid() {
             return Err(Refusal::Undecodable { ip: ins.ip() });
@@ -178,8 +205,13 @@ pub fn analyze_bytes(
         });
     }
 
+    let in_padding = |ins: &Instruction| padding_ok && exit.is_some_and(|e| ins.ip() >= e);
     let mut reach = vec![patch_point, patch_point + covered as u64];
     for ins in &instructions {
+        if in_padding(ins) {
+            // Never executed (after the exit, no branch into it): copied as it is.
+            continue;
+        }
         let why = match ins.flow_control() {
             FlowControl::Call | FlowControl::IndirectCall if ins.mnemonic() != Mnemonic::Syscall => {
                 Some("a call pushes a return address into the trampoline, which unwinders and returns cannot follow")
@@ -219,6 +251,11 @@ pub fn analyze_bytes(
         }
     }
 
+    let padding = instructions
+        .iter()
+        .filter(|i| in_padding(i))
+        .map(|i| i.len() as u64)
+        .sum();
     let original = code[skip..skip + covered].to_vec();
     let pad_original = if pad_jump.is_some() {
         before[before.len() - JMP32_LEN..].to_vec()
@@ -236,7 +273,39 @@ pub fn analyze_bytes(
         pad_original,
         instructions,
         reach,
+        padding,
     })
+}
+
+/// The end of the first unconditional exit (`ret`, `jmp`, indirect `jmp`) among `all`:
+/// execution never falls through past it.
+fn first_exit(all: &[Instruction]) -> Option<u64> {
+    all.iter()
+        .find(|i| {
+            !i.is_invalid()
+                && matches!(
+                    i.flow_control(),
+                    FlowControl::Return
+                        | FlowControl::UnconditionalBranch
+                        | FlowControl::IndirectBranch
+                )
+        })
+        .map(|i| i.next_ip())
+}
+
+/// `true` if the bytes `[from, end)` are padding: they decode exactly to `end` as NOPs and
+/// `int3` only, and no instruction before `from` branches into them.
+fn is_padding(all: &[Instruction], from: u64, end: u64) -> bool {
+    let tail: Vec<&Instruction> = all.iter().filter(|i| i.ip() >= from).collect();
+    let fill = tail
+        .iter()
+        .all(|i| !i.is_invalid() && matches!(i.mnemonic(), Mnemonic::Nop | Mnemonic::Int3));
+    let exact = tail.last().map_or(from == end, |i| i.next_ip() == end);
+    let entered = all
+        .iter()
+        .filter(|i| i.ip() < from)
+        .any(|i| (from..end).contains(&i.near_branch_target()));
+    from < end && fill && exact && !entered
 }
 
 #[cfg(test)]

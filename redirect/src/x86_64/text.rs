@@ -163,16 +163,38 @@ impl CodeWriter {
                 Ok(())
             }
             SyncMethod::Sweep => {
+                // A thread can show the signal blocked only because it is running a handler
+                // whose mask holds it (our SIGTRAP handler blocks real-time signals while it
+                // sends a thread on from the int3): it takes the signal as that handler
+                // returns. Threads not reached are signalled again, with backoff, until the
+                // deadline; only a thread still unreached then is unreachable.
                 let nothing: SweepAction<'_> = &|_| {};
-                let report = self.sweep.run(nothing, self.timeout)?;
-                if !report.complete() {
-                    return Err(Error::ThreadsUnreachable {
-                        signal: self.sweep.signal(),
-                        tids: report.blocked.into_iter().chain(report.timed_out).collect(),
-                        why: "serialising cores without membarrier",
-                    });
+                let deadline = Instant::now() + self.timeout;
+                let mut report = self.sweep.run(nothing, self.timeout)?;
+                let mut pause = Duration::from_millis(1);
+                loop {
+                    let left: Vec<i32> = report
+                        .blocked
+                        .iter()
+                        .chain(&report.timed_out)
+                        .copied()
+                        .collect();
+                    if left.is_empty() {
+                        return Ok(());
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(Error::ThreadsUnreachable {
+                            signal: self.sweep.signal(),
+                            tids: left,
+                            why: "serialising cores without membarrier",
+                        });
+                    }
+                    std::thread::sleep(pause.min(deadline - now));
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    let rest = deadline.saturating_duration_since(Instant::now());
+                    report = self.sweep.run_on(&left, nothing, rest)?;
                 }
-                Ok(())
             }
         }
     }
