@@ -14,21 +14,9 @@ use kgpatch_redirect::{sweep::gettid, Error, PadHint, Patcher, PatcherConfig};
 
 use crate::common::{bytes, c_lib_copy, nested_lib};
 
-/// Runs test `name` alone in a child process with `KGPATCH_SIGNALS_CHILD=<mode>`, and fails
-/// unless it passed.
+/// Runs test `name` alone in a child process with `KGPATCH_SIGNALS_CHILD=<mode>`.
 fn in_child(name: &str, mode: &str) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env("KGPATCH_SIGNALS_CHILD", mode)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "child ({mode}) failed with {:?}:\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::in_child(name, "KGPATCH_SIGNALS_CHILD", mode);
 }
 
 fn child_mode() -> Option<String> {

@@ -226,3 +226,21 @@ pub fn in_universe<T: Send + 'static>(word: u64, f: impl FnOnce() -> T + Send + 
     .join()
     .unwrap()
 }
+
+/// Runs test `name` alone in a child process of this test binary with `var=value` set, and
+/// fails unless it passed. For tests that must own every thread of their process (a sweep
+/// signals all of them; other tests' threads, or their traps, would change the answer).
+pub fn in_child(name: &str, var: &str, value: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(var, value)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "child ({var}={value}) failed with {:?}:\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
