@@ -382,8 +382,17 @@ enum ThreadStatus {
 
 fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     let quiet = crate::x86_64::trap::quiet_token();
-    let Ok(status) = fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
-        return ThreadStatus::Gone;
+    let status = match fs::read_to_string(format!("/proc/self/task/{tid}/status")) {
+        Ok(s) => s,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            return ThreadStatus::Gone
+        }
+        // Any other failure (EMFILE, ENOMEM...) proves nothing: the thread stays pending, so
+        // a sweep that cannot see it times out instead of counting it as gone.
+        Err(_) => return ThreadStatus::Alive,
     };
     let field = |name: &str| {
         status
