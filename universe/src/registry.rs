@@ -271,7 +271,7 @@ impl<const N: usize> Registry<N> {
         }
     }
 
-    /// Every `LIVE` slot's key, for [`Registry::reclaim_if_gone`].
+    /// Every `LIVE` slot's key, for [`Registry::reclaim_if`].
     pub fn live(&self) -> impl Iterator<Item = (usize, SlotKey)> + '_ {
         self.slots
             .iter()
