@@ -159,12 +159,14 @@ fn real_fn(name: &CStr, cache: &AtomicUsize) -> usize {
 static REAL_PTHREAD_CREATE: AtomicUsize = AtomicUsize::new(0);
 static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
 
 /// Resolves every real function the interposers forward to.
 fn resolve_real_fns() {
     real_fn(c"pthread_create", &REAL_PTHREAD_CREATE);
     real_fn(c"pthread_sigmask", &REAL_PTHREAD_SIGMASK);
     real_fn(c"sigprocmask", &REAL_SIGPROCMASK);
+    real_fn(c"sigaction", &REAL_SIGACTION);
 }
 
 /// The signals kgpatch needs delivered — the migration signal, the redirect sweep's signal,
@@ -248,4 +250,47 @@ pub unsafe extern "C" fn sigprocmask(
     let set = without_ours(how, set, &mut copy);
     // SAFETY: the caller's arguments, the set possibly replaced by a valid copy.
     unsafe { real(how, set, old) }
+}
+
+type SigactionFn =
+    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+
+/// Interposed `sigaction`: a program handler for any signal but SIGTRAP runs with SIGTRAP
+/// deliverable. Programs often install handlers with `sigfillset(&sa_mask)`; such a handler
+/// that calls a function while kgpatch's int3 sits on its entry would meet the int3 with
+/// SIGTRAP blocked, and the kernel kills the whole process. With SIGTRAP left out of the
+/// mask, kgpatch's SIGTRAP handler (which blocks every signal while it runs) sends the thread
+/// on, and the program's handler continues as it would have. SIGTRAP is only ever raised by
+/// an int3 or a debugger's single step, so a handler that no longer blocks it changes nothing
+/// else. Done whether or not the agent is active (handlers are installed before it starts);
+/// the migration and sweep signals are left as the program asks: a handler that blocks them
+/// only delays a migration. A raw `rt_sigaction` system call bypasses this (ARCHITECTURE.md).
+///
+/// # Safety
+/// The caller's contract is `sigaction(2)`'s.
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    let addr = real_fn(c"sigaction", &REAL_SIGACTION);
+    if addr == 0 {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return -1;
+    }
+    // SAFETY: glibc's sigaction has this signature.
+    let real = unsafe { std::mem::transmute::<usize, SigactionFn>(addr) };
+    if act.is_null() || sig == libc::SIGTRAP {
+        // SAFETY: the caller's arguments, unchanged.
+        return unsafe { real(sig, act, old) };
+    }
+    // SAFETY: `act` is the caller's valid sigaction (sigaction(2)'s contract); a copy of it
+    // with one signal taken out of its mask is as valid.
+    let mut copy = unsafe { *act };
+    // SAFETY: `copy.sa_mask` is a valid sigset.
+    unsafe { libc::sigdelset(&mut copy.sa_mask, libc::SIGTRAP) };
+    // SAFETY: the caller's arguments, `act` replaced by the valid copy.
+    unsafe { real(sig, &copy, old) }
 }

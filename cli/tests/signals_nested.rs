@@ -89,10 +89,23 @@ fn raw_sigtrap_blockers_are_refused_never_killed() {
 /// and the kernel killed the process within a few cycles.
 #[test]
 fn sigusr1_handler_calling_the_patched_function_during_100_cycles() {
-    let dir = TempDir::new("usr1");
+    sigusr1_handler_cycles("usr1");
+}
+
+/// The same with a handler installed with `sigfillset(&sa_mask)` (SIGTRAP blocked while it
+/// runs), as many programs install theirs. Before the preloaded `sigaction` took SIGTRAP out
+/// of program handlers' masks, the handler met the int3 with SIGTRAP blocked and the kernel
+/// killed the process.
+#[test]
+fn sigusr1_handler_masking_every_signal_during_100_cycles() {
+    sigusr1_handler_cycles("usr1-masked");
+}
+
+fn sigusr1_handler_cycles(mode: &str) {
+    let dir = TempDir::new(mode);
     let exe = build_nested(&dir);
     let fix = answer_patch(&dir, &exe, "fix-usr1");
-    let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("usr1").start();
+    let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg(mode).start();
     let first = t.stats();
     const CYCLES: usize = 100;
     for cycle in 0..CYCLES {
