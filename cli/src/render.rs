@@ -85,6 +85,12 @@ fn blocker(b: &Option<BlockerInfo>) -> String {
 /// The transition in progress: progress and the threads not yet moved.
 pub fn transition(t: &TransitionInfo) -> String {
     let mut out = format!("transition {}: {}\n", t.t, progress_line(t));
+    if let Some(e) = &t.waiting_on_error {
+        let _ = writeln!(
+            out,
+            "  waiting: {e} (no thread is counted and nothing completes until it clears; the deadline still applies)"
+        );
+    }
     if !t.pending.is_empty() {
         let _ = writeln!(
             out,
@@ -206,6 +212,12 @@ pub fn mapped(s: &Status) -> String {
 /// The whole status.
 pub fn status(s: &Status) -> String {
     let mut out = format!("process {} (agent {})\n", s.pid, s.agent_version);
+    if let Some(f) = &s.agent_failure {
+        let _ = writeln!(
+            out,
+            "AGENT FAILURE: {f}; the agent refuses every further transition (the process runs on as it is)"
+        );
+    }
     out.push_str(&patches(s));
     out.push_str(&mapped(s));
     match &s.transition {
@@ -239,5 +251,30 @@ mod tests {
         assert_eq!(bar(2, 4, 4), "[##--]");
         assert_eq!(bar(4, 4, 4), "[####]");
         assert_eq!(bar(0, 0, 4), "[####]");
+    }
+
+    #[test]
+    fn a_transition_waiting_on_an_os_error_says_so() {
+        let mut t = TransitionInfo {
+            t: 3,
+            kind: Kind::Apply,
+            patch: "fix".into(),
+            reversed: false,
+            forced: false,
+            elapsed_ms: 10,
+            remaining_ms: 990,
+            left_pending: false,
+            migrated: 1,
+            total: 2,
+            pending: Vec::new(),
+            waiting_on_error: None,
+        };
+        assert!(!transition(&t).contains("waiting:"));
+        t.waiting_on_error = Some("listing /proc/self/task: Too many open files".into());
+        let text = transition(&t);
+        assert!(
+            text.contains("waiting: listing /proc/self/task: Too many open files"),
+            "{text}"
+        );
     }
 }
