@@ -1,0 +1,17 @@
+//! kgpatch's one OS layer: every system call, `/proc` parser and loader query the other
+//! crates need, written once.
+//!
+//! **Owns:** thin, typed wrappers over Linux: threads of a process (list, tid, tgkill),
+//! `/proc` (one maps parser, one task lister, one status parser), futex waits, signal sets,
+//! the loaded-object walk (`dl_iterate_phdr`), and ptrace for attach.
+//!
+//! **Must not touch:** anything kgpatch-specific: universe words, machine code, patch
+//! modules, the protocol. It decides nothing; it reports what the kernel says.
+//!
+//! # Signal safety
+//! Functions marked *async-signal-safe* in their docs make raw system calls into
+//! caller-provided buffers: no allocation, no locks, bounded time. Everything else may
+//! allocate and must not be called from a signal handler or while another thread is stopped.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
