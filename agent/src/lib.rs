@@ -36,6 +36,7 @@ mod registry;
 mod server;
 mod stacks;
 mod stw;
+mod thread;
 mod timing;
 
 pub use timing::HandlerTimes;
@@ -66,10 +67,12 @@ pub fn start() -> Result<PathBuf, String> {
                 kgpatch_redirect::PatcherConfig::default().sweep_signal,
             );
             ACTIVE.store(true, Ordering::Release);
-            std::thread::Builder::new()
-                .name("kgpatch-agent".into())
-                .spawn(move || server.run(driver))
-                .map_err(|e| format!("cannot start the agent thread: {e}"))?;
+            thread::with_async_signals_blocked(|| {
+                std::thread::Builder::new()
+                    .name("kgpatch-agent".into())
+                    .spawn(move || server.run(driver))
+            })
+            .map_err(|e| format!("cannot start the agent thread: {e}"))?;
             Ok(path)
         })
         .clone()
