@@ -44,6 +44,7 @@ extern "C" fn on_load() {
     if !loaded_as_the_agent_library() {
         return;
     }
+    crate::set_origin(crate::protocol::Origin::Preload);
     if let Err(e) = crate::start() {
         eprintln!(
             "kgpatch agent: not started in pid {}: {e}",
