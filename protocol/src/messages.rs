@@ -284,6 +284,33 @@ pub struct AgentInfo {
     pub since_unix_ms: u64,
 }
 
+/// What `kgpatch` prints on stdout, as `{"error": {...}}`, when a command run with `--json`
+/// fails (the sentence goes to stderr too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandError {
+    /// The class: an [`ErrorKind`] name when the agent refused, `unreachable` when the
+    /// process or its agent could not be reached, `failed` for anything else.
+    pub kind: String,
+    /// The sentence for a human.
+    pub message: String,
+    /// The exit code the command ends with.
+    pub exit_code: u8,
+}
+
+/// One process of `kgpatch ps --json`: a process with an agent socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command name (`/proc/<pid>/comm`).
+    pub command: String,
+    /// Its agent's socket.
+    pub socket: PathBuf,
+    /// How its agent came in; `None` if the agent did not answer within `ps`'s short
+    /// timeouts, or is older than the field.
+    pub agent: Option<AgentInfo>,
+}
+
 /// Percentiles of durations the agent recorded (migration handler runs, stop-the-world
 /// holds) over its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
