@@ -1,7 +1,8 @@
 //! The in-process runtime of kgpatch: control socket, transition driver, migration signal
 //! handling.
 //!
-//! **Owns:** the agent thread, the control protocol ([`protocol`]), the thread registry, the
+//! **Owns:** the agent thread, the server side of the control protocol ([`protocol`], the
+//! `kgpatch-protocol` crate re-exported), the thread registry, the
 //! migration signal and its handler, the thread-start hook and [`quiescent`]. It joins
 //! `kgpatch-universe` (what may happen), `kgpatch-stackcheck` (is this thread clean),
 //! `kgpatch-redirect` (machine code) and `kgpatch-kmod` (what the patch is).
@@ -31,7 +32,6 @@ pub mod attach;
 mod driver;
 mod error;
 mod migrate;
-pub mod protocol;
 mod registry;
 mod server;
 mod stacks;
@@ -39,19 +39,51 @@ mod stw;
 mod thread;
 mod timing;
 
+/// The control protocol (the `kgpatch-protocol` crate): messages, error kinds, socket paths.
+pub use kgpatch_protocol as protocol;
 pub use timing::HandlerTimes;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 pub use driver::migration_signal;
 pub use error::AgentError;
 pub use migrate::quiescent;
-pub use server::{prune_stale_sockets, runtime_dir, socket_path};
+pub use protocol::{prune_stale_sockets, runtime_dir, socket_path};
 
 static STARTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// How the agent came in: 0 until set, else `origin_code`'s value; and when it started.
+static ORIGIN: AtomicU8 = AtomicU8::new(0);
+static SINCE_UNIX_MS: AtomicU64 = AtomicU64::new(0);
+
+fn origin_code(o: protocol::Origin) -> u8 {
+    match o {
+        protocol::Origin::Preload => 1,
+        protocol::Origin::Attach => 2,
+        protocol::Origin::Linked => 3,
+    }
+}
+
+/// Records how the agent came in, before [`start`] (which records `Linked` if nobody did).
+pub(crate) fn set_origin(o: protocol::Origin) {
+    ORIGIN.store(origin_code(o), Ordering::Relaxed);
+}
+
+/// How and when the agent came in, once [`start`] succeeded.
+pub(crate) fn origin_info() -> Option<protocol::AgentInfo> {
+    let origin = match ORIGIN.load(Ordering::Relaxed) {
+        1 => protocol::Origin::Preload,
+        2 => protocol::Origin::Attach,
+        3 => protocol::Origin::Linked,
+        _ => return None,
+    };
+    Some(protocol::AgentInfo {
+        origin,
+        since_unix_ms: SINCE_UNIX_MS.load(Ordering::Relaxed),
+    })
+}
 
 /// Starts the agent in this process (once; later calls return the first result): sets up
 /// patching, binds the control socket and starts the agent thread. Returns the socket path.
@@ -62,6 +94,16 @@ pub fn start() -> Result<PathBuf, String> {
             let driver = driver::Driver::new().map_err(|e| e.to_string())?;
             let server = server::Server::bind().map_err(|e| e.to_string())?;
             let path = server.path().to_owned();
+            let _ = ORIGIN.compare_exchange(
+                0,
+                origin_code(protocol::Origin::Linked),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            SINCE_UNIX_MS.store(since, Ordering::Relaxed);
             preload::cache_signals(
                 migration_signal(),
                 kgpatch_redirect::PatcherConfig::default().sweep_signal,
