@@ -135,23 +135,6 @@ fn init_logging() {
         .try_init();
 }
 
-/// When the agent was attached to a running process (ms since the Unix epoch; 0: it was
-/// not, it came in by preload or by linking).
-static ATTACHED_AT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Records that the agent comes in by `kgpatch attach`, now.
-pub(crate) fn set_origin_attach() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    ATTACHED_AT_MS.store(now.max(1), Ordering::Release);
-}
-
-/// When the agent was attached (ms since the Unix epoch), if it was.
-pub fn attached_at_ms() -> Option<u64> {
-    Some(ATTACHED_AT_MS.load(Ordering::Acquire)).filter(|&t| t != 0)
-}
-
 /// `true` once [`start`] succeeded.
 pub fn is_active() -> bool {
     ACTIVE.load(Ordering::Acquire)
