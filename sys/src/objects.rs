@@ -152,6 +152,32 @@ pub fn for_each(mut visit: impl FnMut(&Object<'_>) -> ControlFlow<()>) {
     }
 }
 
+/// The load bias of the object behind a `dlopen` handle (glibc's `struct link_map` starts
+/// with `l_addr`, the bias; `RTLD_DI_LINKMAP` hands it out). `None` if `dlinfo` fails.
+/// A handle's object is the walked object with the same bias: that is how a pin is checked
+/// to hold the object that was seen, not another one loaded later under the same name.
+///
+/// # Safety
+/// `handle` must be a live handle returned by `dlopen` and not yet closed.
+pub unsafe fn handle_bias(handle: *mut c_void) -> Option<u64> {
+    let mut map: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `handle` is live (caller); RTLD_DI_LINKMAP stores a `struct link_map *` into
+    // the pointer we pass.
+    let rc = unsafe {
+        libc::dlinfo(
+            handle,
+            libc::RTLD_DI_LINKMAP,
+            (&mut map as *mut *mut c_void).cast::<c_void>(),
+        )
+    };
+    if rc != 0 || map.is_null() {
+        return None;
+    }
+    // SAFETY: a link map starts with `l_addr` (<link.h>) and stays valid while the handle
+    // is open.
+    Some(unsafe { map.cast::<u64>().read() })
+}
+
 /// The loader's current object-set counters (from the first object; default when the
 /// loader does not keep them). Takes the loader's lock; not for signal handlers.
 pub fn stamp() -> ObjectsStamp {
@@ -225,6 +251,28 @@ mod tests {
         // SAFETY: our own handle, closed once.
         unsafe { libc::dlclose(h) };
         assert!(after.adds > before.adds, "{before:?} {after:?}");
+    }
+
+    #[test]
+    fn a_handle_has_the_bias_the_walk_shows() {
+        let mut libc_bias = None;
+        let getpid = libc::getpid as unsafe extern "C" fn() -> libc::pid_t as usize as u64;
+        for_each(|o| {
+            if o.holds(getpid) {
+                libc_bias = Some(o.bias());
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        // SAFETY: RTLD_NOLOAD only takes a reference on the loaded libc.
+        let h = unsafe { libc::dlopen(c"libc.so.6".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        assert!(!h.is_null());
+        // SAFETY: `h` is live until the dlclose below.
+        let bias = unsafe { handle_bias(h) };
+        // SAFETY: our own handle, closed once.
+        unsafe { libc::dlclose(h) };
+        assert_eq!(bias, libc_bias);
+        assert!(bias.is_some_and(|b| b != 0));
     }
 
     #[test]
