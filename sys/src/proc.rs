@@ -284,6 +284,32 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
+    /// A thread that runs `setup`, then sleeps in a channel receive until `end` is called.
+    struct Sleeper {
+        tid: i32,
+        stop: mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Sleeper {
+        fn start(setup: impl FnOnce() + Send + 'static) -> Sleeper {
+            let (tx, rx) = mpsc::channel();
+            let (stop, stop_rx) = mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                setup();
+                tx.send(gettid()).unwrap();
+                let _ = stop_rx.recv();
+            });
+            let tid = rx.recv().unwrap();
+            Sleeper { tid, stop, thread }
+        }
+
+        fn end(self) {
+            drop(self.stop);
+            self.thread.join().unwrap();
+        }
+    }
+
     const MAPS: &str = "\
 55d0c8a00000-55d0c8a02000 r--p 00000000 08:01 1234567                    /usr/bin/cat
 55d0c8a02000-55d0c8a07000 r-xp 00002000 08:01 1234567                    /usr/bin/cat
@@ -339,19 +365,13 @@ not a mapping
 
     #[test]
     fn tasks_list_a_new_thread_until_it_ends() {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            tx.send(gettid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let sleeper = Sleeper::start(|| {});
+        let tid = sleeper.tid;
         let listed = tasks(Pid::This).unwrap();
         assert!(listed.contains(&tid) && listed.contains(&gettid()) && listed.contains(&getpid()));
         assert!(listed.windows(2).all(|w| w[0] < w[1]));
         assert!(tasks(Pid::Other(getpid())).unwrap().contains(&tid));
-        drop(stop_tx);
-        t.join().unwrap();
+        sleeper.end();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while tasks(Pid::This).unwrap().contains(&tid) {
             assert!(std::time::Instant::now() < deadline, "{tid} still listed");
@@ -404,15 +424,8 @@ SigCgt:\t0000000100004a02
 
     #[test]
     fn status_of_a_real_thread_shows_what_it_blocks() {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            let mut set = sigset_of(libc::SIGUSR2);
-            block(&mut set);
-            tx.send(gettid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let sleeper = Sleeper::start(|| block(&mut sigset_of(libc::SIGUSR2)));
+        let tid = sleeper.tid;
         let s = task_status(Pid::This, tid).unwrap().unwrap();
         assert_eq!(s.tgid, Some(getpid()));
         assert!(crate::signal::SigMask(s.sig_blk.unwrap()).has(libc::SIGUSR2));
@@ -422,8 +435,7 @@ SigCgt:\t0000000100004a02
         #[allow(unsafe_code)]
         let uid = unsafe { libc::getuid() };
         assert_eq!(me.uid.unwrap()[0], uid);
-        drop(stop_tx);
-        t.join().unwrap();
+        sleeper.end();
     }
 
     fn sigset_of(sig: libc::c_int) -> libc::sigset_t {
@@ -470,13 +482,8 @@ SigCgt:\t0000000100004a02
 
     #[test]
     fn a_sleeping_thread_is_parked_in_its_syscall() {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            tx.send(gettid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().unwrap();
+        let sleeper = Sleeper::start(|| {});
+        let tid = sleeper.tid;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let (sp, pc) = loop {
             if let Some(p) = parked(Pid::This, tid) {
@@ -489,8 +496,7 @@ SigCgt:\t0000000100004a02
         let m = maps(Pid::This).unwrap();
         assert!(m.iter().any(|m| m.exec && m.start <= pc && pc < m.end));
         assert!(m.iter().any(|m| m.write && m.start <= sp && sp < m.end));
-        drop(stop_tx);
-        t.join().unwrap();
+        sleeper.end();
         // A spinning thread is running (or preempted): never parked.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
