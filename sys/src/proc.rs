@@ -178,11 +178,16 @@ impl Status {
                 "Tgid" => s.tgid = value.parse().ok(),
                 "TracerPid" => s.tracer_pid = value.parse().ok(),
                 "Uid" => {
-                    let ids: Vec<u32> = value
-                        .split_whitespace()
-                        .map_while(|w| w.parse().ok())
-                        .collect();
-                    s.uid = ids.try_into().ok();
+                    let mut ids = [0u32; 4];
+                    let mut words = value.split_whitespace();
+                    let all = ids.iter_mut().all(|id| {
+                        words
+                            .next()
+                            .and_then(|w| w.parse().ok())
+                            .map(|v| *id = v)
+                            .is_some()
+                    });
+                    s.uid = (all && words.next().is_none()).then_some(ids);
                 }
                 "SigPnd" => s.sig_pnd = mask(),
                 "ShdPnd" => s.shd_pnd = mask(),
