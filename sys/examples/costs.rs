@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use kgpatch_sys::proc::{self, Pid};
 use kgpatch_sys::{objects, thread};
 
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
+fn median<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
     let mut times: Vec<Duration> = (0..runs)
         .map(|_| {
             let t = Instant::now();
-            f();
+            std::hint::black_box(f());
             t.elapsed()
         })
         .collect();
@@ -55,10 +55,7 @@ fn main() {
         )
     };
     let rows: [(&str, Duration); 10] = [
-        (
-            "gettid",
-            median(100_001, || drop(std::hint::black_box(thread::gettid()))),
-        ),
+        ("gettid", median(100_001, thread::gettid)),
         (
             "tgkill(self, 0)",
             median(10_001, || {
@@ -67,37 +64,31 @@ fn main() {
         ),
         (
             "proc::tasks (17 threads)",
-            median(2_001, || drop(proc::tasks(Pid::This).unwrap())),
+            median(2_001, || proc::tasks(Pid::This).unwrap()),
         ),
         (
             "proc::task_status",
-            median(2_001, || drop(proc::task_status(Pid::This, other).unwrap())),
+            median(2_001, || proc::task_status(Pid::This, other).unwrap()),
         ),
         (
             "Status::parse (text only)",
-            median(20_001, || {
-                drop(std::hint::black_box(proc::Status::parse(&status_text)))
-            }),
+            median(20_001, || proc::Status::parse(&status_text)),
         ),
         (
             "old 4-field parse (text)",
-            median(20_001, || {
-                drop(std::hint::black_box(old_parse(&status_text)))
-            }),
+            median(20_001, || old_parse(&status_text)),
         ),
         (
             "proc::parked",
-            median(2_001, || drop(proc::parked(Pid::This, other))),
+            median(2_001, || proc::parked(Pid::This, other)),
         ),
         (
             "proc::maps",
-            median(2_001, || drop(proc::maps(Pid::This).unwrap())),
+            median(2_001, || proc::maps(Pid::This).unwrap()),
         ),
         (
             "parse_maps (text only)",
-            median(20_001, || {
-                drop(std::hint::black_box(proc::parse_maps(&maps_text)))
-            }),
+            median(20_001, || proc::parse_maps(&maps_text)),
         ),
         (
             "objects::for_each (count)",
