@@ -392,6 +392,65 @@ not a mapping
         assert!(is_gone(&e), "{e}");
     }
 
+    /// What the readers return in a child with every descriptor taken (EMFILE): errors,
+    /// never an empty list or "gone". The exit code says which check failed.
+    fn readers_without_descriptors() -> i32 {
+        let me = gettid();
+        match tasks(Pid::This) {
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {}
+            _ => return 2,
+        }
+        match task_status(Pid::This, me) {
+            Err(e) if !is_gone(&e) => {}
+            _ => return 3,
+        }
+        if maps(Pid::This).is_ok() || status(Pid::This).is_ok() || comm(Pid::This).is_ok() {
+            return 4;
+        }
+        0
+    }
+
+    /// Runs `readers_without_descriptors` in a forked child (glibc's fork keeps malloc
+    /// usable in the child) after it used up its descriptors; its exit status.
+    #[allow(unsafe_code)]
+    fn in_child_without_descriptors() -> i32 {
+        // SAFETY: the child only allocates (fork-safe in glibc), makes system calls and
+        // leaves with `_exit`, running no destructor and no atexit handler of the parent.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            // SAFETY: plain system calls on the child's own descriptor table; `_exit` ends
+            // the child at once.
+            unsafe {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    libc::_exit(1);
+                }
+                while libc::dup(0) >= 0 {}
+                let code = if crate::thread::errno() == libc::EMFILE {
+                    readers_without_descriptors()
+                } else {
+                    1
+                };
+                libc::_exit(code);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out-pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn readers_fail_closed_at_the_descriptor_limit() {
+        assert_eq!(in_child_without_descriptors(), 0);
+    }
+
     const STATUS: &str = "\
 Name:\tredis-server
 Umask:\t0022
