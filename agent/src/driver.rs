@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kgpatch_kmod::{Loaded, ModuleFile, Pin, ResolveOptions};
-use kgpatch_redirect::{sweep, PadHint, Patcher, PatcherConfig, SiteHandle, Sweep};
+use kgpatch_redirect::{PadHint, Patcher, PatcherConfig, SiteHandle, Sweep};
 use kgpatch_stackcheck::{BusyRange, BusyRanges, UnreliableReason, UnwindIndex};
 use kgpatch_universe::{
     Blocker, FunctionPatch, Gate, PatchSpec, Side, Site, TransitionKind, Universe, Version,
@@ -832,7 +832,7 @@ impl Driver {
         let action = |uc: &mut libc::ucontext_t| migrate::on_signal(uc, &ctx);
         let _span = debug_span!("sweep").entered();
         // Only the threads not yet on the goal side (or never seen) are signalled.
-        let me = sweep::gettid();
+        let me = kgpatch_sys::thread::gettid();
         let pending: Vec<i32> = match self.universe.transition() {
             Some(tr) => tids
                 .into_iter()
@@ -1316,27 +1316,12 @@ fn describe_blocker(b: Blocker, names: &[String]) -> BlockerInfo {
 /// directory (EMFILE at the fd limit, ENOMEM) or reading one entry — fails the whole listing:
 /// a partial list would let completion skip a thread and reclaim free a living thread's slot.
 pub fn live_tids() -> std::io::Result<Vec<u32>> {
-    let mut tids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        let entry = entry?;
-        let tid = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| std::io::Error::other("an entry of /proc/self/task is not a tid"))?;
-        tids.push(tid);
-    }
-    if tids.is_empty() {
-        return Err(std::io::Error::other("/proc/self/task listed no thread"));
-    }
-    tids.sort_unstable();
-    Ok(tids)
+    let tids = kgpatch_sys::proc::tasks(kgpatch_sys::proc::Pid::This)?;
+    Ok(tids.into_iter().map(|t| t as u32).collect())
 }
 
 fn thread_name(tid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_default()
+    kgpatch_sys::proc::task_comm(kgpatch_sys::proc::Pid::This, tid as i32).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub struct MigrationContext<'a> {
 }
 
 fn tid() -> u32 {
-    kgpatch_redirect::sweep::gettid() as u32
+    kgpatch_sys::thread::gettid() as u32
 }
 
 /// Copies the registry's word into the thread's TLS word, the one the stub reads.

@@ -21,24 +21,12 @@ pub struct StackMap {
 impl StackMap {
     /// Reads `/proc/self/maps`.
     pub fn snapshot() -> std::io::Result<StackMap> {
-        let text = std::fs::read_to_string("/proc/self/maps")?;
-        let mut maps: Vec<(u64, u64, bool)> = text
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_whitespace();
-                let range = fields.next()?;
-                let perms = fields.next()?;
-                if !perms.starts_with("rw") {
-                    return None;
-                }
-                let (lo, hi) = range.split_once('-')?;
-                Some((
-                    u64::from_str_radix(lo, 16).ok()?,
-                    u64::from_str_radix(hi, 16).ok()?,
-                    line.ends_with("[stack]"),
-                ))
-            })
-            .collect();
+        let mut maps: Vec<(u64, u64, bool)> =
+            kgpatch_sys::proc::maps(kgpatch_sys::proc::Pid::This)?
+                .iter()
+                .filter(|m| m.read && m.write)
+                .map(|m| (m.start, m.end, m.is_main_stack()))
+                .collect();
         maps.sort_unstable();
         Ok(StackMap { maps })
     }

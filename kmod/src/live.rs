@@ -1,11 +1,12 @@
-//! The live process: enumerating loaded objects (`dl_iterate_phdr`), opening a module
+//! The live process: enumerating loaded objects (through [`kgpatch_sys::objects`], the one
+//! `dl_iterate_phdr` walker), opening a module
 //! (`dlopen(RTLD_NOW | RTLD_LOCAL)`), filling its slots, running its callbacks, closing it;
 //! pinning a library that holds patch sites (`dlopen(RTLD_NOLOAD)`, [`Pin`]).
 //!
 //! # Safety
 //! This module holds the crate's OS-facing `unsafe`. Memory is read only inside ranges the
-//! loader reports as mapped: program headers and notes of loaded objects while
-//! `dl_iterate_phdr` holds the loader lock, and the module's own `.kgpatch` section, which
+//! loader reports as mapped: notes of loaded objects while `dl_iterate_phdr` holds the
+//! loader lock, and the module's own `.kgpatch` section, which
 //! [`ModuleFile::read`] checked lies in a writable `PT_LOAD` of the module and which stays
 //! mapped while the `Loaded` handle is open. Module code (callbacks) is called only after
 //! every slot is filled; opening a module is `unsafe` because its initialisers run.
@@ -13,19 +14,21 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use kgpatch_sys::objects::{self, Object};
+
 use crate::elf::ModuleFile;
 use crate::error::KmodError;
 use crate::manifest::Manifest;
 use crate::resolve::{resolve_against, LoadedObject, ResolveOptions, Resolved};
 
-const PT_LOAD: u32 = 1;
-const PT_NOTE: u32 = 4;
+/// The note type of a GNU build-id (`<elf.h>`; libc does not export it).
 const NT_GNU_BUILD_ID: u32 = 3;
 
 /// Parses ELF notes (4-byte aligned) and returns the GNU build-id descriptor.
@@ -54,88 +57,52 @@ fn build_id_from_notes(mut notes: &[u8]) -> Option<Vec<u8>> {
 /// Serializes `Loaded::open` and `Loaded::close`.
 static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
-struct Collector {
-    objects: Vec<LoadedObject>,
-}
-
-unsafe extern "C" fn collect(
-    info: *mut libc::dl_phdr_info,
-    _size: usize,
-    data: *mut c_void,
-) -> c_int {
-    // SAFETY: `data` is the `&mut Collector` passed to `dl_iterate_phdr` by `loaded_objects`,
-    // alive and not otherwise borrowed for the duration of the call.
-    let collector = unsafe { &mut *data.cast::<Collector>() };
-    // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the callback.
-    let info = unsafe { &*info };
-    let name = if info.dlpi_name.is_null() {
-        String::new()
-    } else {
-        // SAFETY: `dlpi_name` is a NUL-terminated string owned by the loader, valid during
-        // the callback.
-        unsafe { CStr::from_ptr(info.dlpi_name) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: the loader reports `dlpi_phnum` program headers at `dlpi_phdr`, mapped
-        // while the object is loaded (the loader lock keeps it loaded during the callback).
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-    };
-    let bias = info.dlpi_addr;
-    let mut build_id = None;
-    for note in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
+/// The GNU build-id of a loaded object, from its `PT_NOTE` segments.
+fn build_id_of(object: &Object<'_>) -> Option<Vec<u8>> {
+    let phdrs = object.phdrs();
+    for note in phdrs.iter().filter(|p| p.p_type == libc::PT_NOTE) {
         // Only read notes that lie inside a loaded segment of this object.
         let inside = phdrs.iter().any(|l| {
-            l.p_type == PT_LOAD
+            l.p_type == libc::PT_LOAD
                 && note.p_vaddr >= l.p_vaddr
                 && note.p_vaddr.checked_add(note.p_memsz) <= l.p_vaddr.checked_add(l.p_filesz)
         });
         if !inside || note.p_memsz > 1 << 20 {
             continue;
         }
-        let addr = bias.wrapping_add(note.p_vaddr) as *const u8;
+        let addr = object.bias().wrapping_add(note.p_vaddr) as *const u8;
         // SAFETY: `[addr, addr + p_memsz)` lies in a file-backed part of a PT_LOAD of this
-        // object (checked above), mapped and readable while the object is loaded.
+        // object (checked above), mapped and readable while the object is loaded, which the
+        // loader lock held during the walk guarantees.
         let bytes = unsafe { std::slice::from_raw_parts(addr, note.p_memsz as usize) };
         if let Some(id) = build_id_from_notes(bytes) {
-            build_id = Some(id);
-            break;
+            return Some(id);
         }
     }
-    let is_main = collector.objects.is_empty();
-    let file = if is_main {
-        PathBuf::from("/proc/self/exe")
-    } else {
-        PathBuf::from(&name)
-    };
-    collector.objects.push(LoadedObject {
-        name,
-        file,
-        bias,
-        is_main,
-        build_id,
-    });
-    0
+    None
 }
 
 /// The objects loaded in this process, the executable first (its file is `/proc/self/exe`,
 /// which names the running image even if its path was replaced or deleted).
 pub fn loaded_objects() -> Vec<LoadedObject> {
-    let mut collector = Collector {
-        objects: Vec::new(),
-    };
-    // SAFETY: `collect` matches the callback signature and only uses `data` as the
-    // `Collector` we pass, which outlives the call.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(collect),
-            (&mut collector as *mut Collector).cast::<c_void>(),
-        )
-    };
-    collector.objects
+    let mut objects = Vec::new();
+    objects::for_each(|o| {
+        let name = o.name().to_string_lossy().into_owned();
+        let file = if o.is_main() {
+            PathBuf::from("/proc/self/exe")
+        } else {
+            PathBuf::from(&name)
+        };
+        objects.push(LoadedObject {
+            name,
+            file,
+            bias: o.bias(),
+            is_main: o.is_main(),
+            build_id: build_id_of(o),
+        });
+        ControlFlow::Continue(())
+    });
+    objects
 }
 
 fn dlerror_message() -> String {
@@ -211,17 +178,8 @@ impl Loaded {
                 message: dlerror_message(),
             });
         };
-        let mut map: *mut libc::c_void = std::ptr::null_mut();
-        // SAFETY: `handle` is a live dlopen handle; RTLD_DI_LINKMAP stores a `struct link_map
-        // *` into the pointer we pass.
-        let rc = unsafe {
-            libc::dlinfo(
-                handle.as_ptr(),
-                libc::RTLD_DI_LINKMAP,
-                (&mut map as *mut *mut c_void).cast::<c_void>(),
-            )
-        };
-        if rc != 0 || map.is_null() {
+        // SAFETY: `handle` is the live handle just opened.
+        let Some(bias) = (unsafe { objects::handle_bias(handle.as_ptr()) }) else {
             let message = dlerror_message();
             // SAFETY: closing the handle we just opened; nothing of it is in use.
             unsafe { libc::dlclose(handle.as_ptr()) };
@@ -229,10 +187,7 @@ impl Loaded {
                 path: path.to_owned(),
                 message,
             });
-        }
-        // SAFETY: glibc's `struct link_map` starts with `ElfW(Addr) l_addr`, the load bias;
-        // `map` is valid while the handle is open.
-        let bias = unsafe { map.cast::<u64>().read() };
+        };
         let loaded = Loaded {
             handle,
             module,
@@ -445,51 +400,6 @@ impl Loaded {
     }
 }
 
-/// What [`Pin::object_at`] looks for: the object with a `PT_LOAD` holding `addr`.
-struct Finder {
-    addr: u64,
-    seen: usize,
-    /// (is the executable, name, bias)
-    found: Option<(bool, CString, u64)>,
-}
-
-unsafe extern "C" fn find_object(
-    info: *mut libc::dl_phdr_info,
-    _size: usize,
-    data: *mut c_void,
-) -> c_int {
-    // SAFETY: `data` is the `&mut Finder` passed by `Pin::object_at`, alive and not
-    // otherwise borrowed for the duration of the call.
-    let finder = unsafe { &mut *data.cast::<Finder>() };
-    // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the callback.
-    let info = unsafe { &*info };
-    let is_main = finder.seen == 0;
-    finder.seen += 1;
-    let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: as in `collect`: `dlpi_phnum` headers at `dlpi_phdr`, mapped during the
-        // callback.
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-    };
-    let holds = phdrs.iter().any(|l| {
-        let start = info.dlpi_addr.wrapping_add(l.p_vaddr);
-        l.p_type == PT_LOAD && finder.addr >= start && finder.addr - start < l.p_memsz
-    });
-    if !holds {
-        return 0;
-    }
-    let name = if info.dlpi_name.is_null() {
-        CString::default()
-    } else {
-        // SAFETY: `dlpi_name` is a NUL-terminated string owned by the loader, valid during
-        // the callback; it is copied at once.
-        unsafe { CStr::from_ptr(info.dlpi_name) }.to_owned()
-    };
-    finder.found = Some((is_main, name, info.dlpi_addr));
-    1
-}
-
 /// A reference to a loaded library, taken with `dlopen(RTLD_NOLOAD | RTLD_NOW)`: while it
 /// is held the library stays mapped even if the program `dlclose`s its own handles (the
 /// loader unmaps an object when its last reference goes). kgpatch pins every library that
@@ -509,24 +419,20 @@ impl Pin {
     /// which is never unloaded. An address no loaded object holds, or an object that is
     /// unloaded meanwhile, is an error.
     pub fn object_at(addr: u64) -> Result<Option<Pin>, KmodError> {
-        let mut finder = Finder {
-            addr,
-            seen: 0,
-            found: None,
-        };
-        // SAFETY: `find_object` matches the callback signature and only uses `data` as the
-        // `Finder` we pass, which outlives the call.
-        unsafe {
-            libc::dl_iterate_phdr(
-                Some(find_object),
-                (&mut finder as *mut Finder).cast::<c_void>(),
-            )
-        };
+        // (is the executable, name, bias) of the object whose PT_LOAD holds `addr`.
+        let mut found: Option<(bool, CString, u64)> = None;
+        objects::for_each(|o| {
+            if !o.holds(addr) {
+                return ControlFlow::Continue(());
+            }
+            found = Some((o.is_main(), o.name().to_owned(), o.bias()));
+            ControlFlow::Break(())
+        });
         let unloaded = |name: &Path, message: String| KmodError::Dlopen {
             path: name.to_owned(),
             message,
         };
-        let Some((is_main, cname, bias)) = finder.found else {
+        let Some((is_main, cname, bias)) = found else {
             return Err(unloaded(
                 Path::new(&format!("{addr:#x}")),
                 "no loaded object holds this address any more".into(),
@@ -549,19 +455,8 @@ impl Pin {
                 ),
             ));
         };
-        let mut map: *mut c_void = std::ptr::null_mut();
-        // SAFETY: `handle` is a live dlopen handle; RTLD_DI_LINKMAP stores a `struct link_map
-        // *` into the pointer we pass.
-        let rc = unsafe {
-            libc::dlinfo(
-                handle.as_ptr(),
-                libc::RTLD_DI_LINKMAP,
-                (&mut map as *mut *mut c_void).cast::<c_void>(),
-            )
-        };
-        // SAFETY: glibc's `struct link_map` starts with `l_addr`, the load bias; `map` is
-        // valid while the handle is open.
-        let pinned_bias = (rc == 0 && !map.is_null()).then(|| unsafe { map.cast::<u64>().read() });
+        // SAFETY: `handle` is the live handle just taken.
+        let pinned_bias = unsafe { objects::handle_bias(handle.as_ptr()) };
         if pinned_bias != Some(bias) {
             // Another object of that name, loaded after ours went away: not the one we want.
             // SAFETY: drops the reference RTLD_NOLOAD just took; the object stays as it was.

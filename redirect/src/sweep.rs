@@ -19,12 +19,20 @@
 //! after `run` returns. Both sides use `SeqCst`, so a handler either sees the pointer and is
 //! counted, or sees null.
 
-use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kgpatch_sys::proc::{self, Pid};
+use kgpatch_sys::thread::{errno, set_errno};
+
 use crate::error::{Error, Result};
+
+/// OS helpers that live in [`kgpatch_sys`], re-exported under the names the rest of
+/// kgpatch (and its tests) use.
+pub use kgpatch_sys::futex::{wait as futex_wait, wake as futex_wake};
+pub use kgpatch_sys::signal::signal_bit;
+pub use kgpatch_sys::thread::gettid;
 
 /// What a sweep runs in each thread's signal handler, on the thread's interrupted context.
 pub type SweepAction<'a> = &'a (dyn Fn(&mut libc::ucontext_t) + Sync);
@@ -284,94 +292,31 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-/// The kernel id of the calling thread. Async-signal-safe.
-pub fn gettid() -> i32 {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
-}
-
 /// Sends `sig` to thread `tid`; `false` if the thread is gone.
 fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
     for _attempt in 0..1000 {
-        // SAFETY: tgkill only takes integers.
-        let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
-        if r == 0 {
-            return true;
-        }
-        match errno() {
+        match kgpatch_sys::thread::tgkill(pid, tid, sig) {
+            Ok(()) => return true,
             // The real-time signal queue is full (RLIMIT_SIGPENDING): try again shortly.
-            libc::EAGAIN => std::thread::sleep(Duration::from_micros(50)),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                std::thread::sleep(Duration::from_micros(50))
+            }
             // ESRCH: the thread is gone.
-            _ => return false,
+            Err(_) => return false,
         }
     }
     // Still full: count the thread as signalled; it will time out if it never runs.
     true
 }
 
-/// Sleeps while `word` holds `seen`, at most `timeout`. Async-signal-safe (one system call).
-pub fn futex_wait(word: &AtomicU32, seen: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `word` is a live aligned u32; FUTEX_WAIT only compares it with `seen` and
-    // sleeps; `ts` is a valid relative timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            seen,
-            &ts as *const libc::timespec,
-        )
-    };
-}
-
-/// Wakes every thread waiting on `word`. Async-signal-safe (one system call).
-pub fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a live aligned u32; FUTEX_WAKE only wakes waiters.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        )
-    };
-}
-
-fn errno() -> libc::c_int {
-    // SAFETY: `__errno_location` returns this thread's errno slot.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(value: libc::c_int) {
-    // SAFETY: `__errno_location` returns this thread's errno slot.
-    unsafe { *libc::__errno_location() = value }
-}
-
-/// The ids of every thread of the process, from /proc/self/task.
+/// The ids of every thread of the process, sorted, from /proc/self/task (fails closed:
+/// a read error part-way is an error, never a short list).
 pub fn list_threads() -> Result<Vec<i32>> {
-    let dir = fs::read_dir("/proc/self/task").map_err(|source| Error::Os {
+    proc::tasks(Pid::This).map_err(|source| Error::Os {
         call: "/proc/self/task",
         doing: "listing the process's threads",
         source,
-    })?;
-    let mut tids = Vec::new();
-    for entry in dir {
-        // A read error part-way would hide threads: fail rather than return a short list.
-        let entry = entry.map_err(|source| Error::Os {
-            call: "/proc/self/task",
-            doing: "listing the process's threads",
-            source,
-        })?;
-        if let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-            tids.push(tid);
-        }
-    }
-    tids.sort_unstable();
-    Ok(tids)
+    })
 }
 
 enum ThreadStatus {
@@ -382,33 +327,18 @@ enum ThreadStatus {
 
 fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     let quiet = crate::x86_64::trap::quiet_token();
-    let status = match fs::read_to_string(format!("/proc/self/task/{tid}/status")) {
-        Ok(s) => s,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(libc::ESRCH) =>
-        {
-            return ThreadStatus::Gone
-        }
+    let status = match proc::task_status(Pid::This, tid) {
+        Ok(Some(s)) => s,
+        Ok(None) => return ThreadStatus::Gone,
         // Any other failure (EMFILE, ENOMEM...) proves nothing: the thread stays pending, so
         // a sweep that cannot see it times out instead of counting it as gone.
         Err(_) => return ThreadStatus::Alive,
     };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+    if status.exiting() {
         return ThreadStatus::Gone;
     }
-    let mask = |name: &str| {
-        field(name)
-            .and_then(|m| u64::from_str_radix(m, 16).ok())
-            .unwrap_or(0)
-    };
-    let bit = 1u64 << (signal - 1);
+    let mask = |m: Option<u64>| m.unwrap_or(0);
+    let bit = signal_bit(signal);
     // Blocked and still pending: the thread has not taken it. (Blocked but not pending is a
     // thread running our handler right now: the signal is masked during its own handler.)
     // A thread still inside our handler from an earlier sweep also shows the signal blocked
@@ -417,8 +347,8 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
     // runs (a thread hammering a function whose entry holds the int3 spends most of its time
     // there): it takes the signal when the handler returns. Only a read during which no
     // thread ran that handler concludes.
-    if mask("SigBlk:") & bit != 0
-        && (mask("SigPnd:") | mask("ShdPnd:")) & bit != 0
+    if mask(status.sig_blk) & bit != 0
+        && (mask(status.sig_pnd) | mask(status.shd_pnd)) & bit != 0
         && INFLIGHT.load(Ordering::SeqCst) == 0
         && crate::x86_64::trap::quiet_since(quiet)
     {
@@ -432,15 +362,9 @@ fn thread_status(tid: i32, signal: libc::c_int) -> ThreadStatus {
 /// for signal `n`), or `None` when the thread is gone or exiting. Any other failure to read
 /// or parse it is an error: callers refuse rather than guess.
 pub fn blocked_signals(tid: i32) -> Result<Option<u64>> {
-    let path = format!("/proc/self/task/{tid}/status");
-    let status = match fs::read_to_string(&path) {
-        Ok(s) => s,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(libc::ESRCH) =>
-        {
-            return Ok(None)
-        }
+    let status = match proc::task_status(Pid::This, tid) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
         Err(source) => {
             return Err(Error::Os {
                 call: "/proc/self/task/<tid>/status",
@@ -449,16 +373,10 @@ pub fn blocked_signals(tid: i32) -> Result<Option<u64>> {
             })
         }
     };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    if field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X')) {
+    if status.exiting() {
         return Ok(None);
     }
-    match field("SigBlk:").and_then(|m| u64::from_str_radix(m, 16).ok()) {
+    match status.sig_blk {
         Some(mask) => Ok(Some(mask)),
         None => Err(Error::Os {
             call: "/proc/self/task/<tid>/status",
@@ -521,9 +439,10 @@ pub fn first_blocking_trap() -> Result<Option<i32>> {
 /// (else the kernel would have killed the process), and gets its own mask back on return.
 pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
     // What the handler's full `sa_mask` blocks at least (glibc's sigfillset leaves out its
-    // two internal signals, 32 and 33; SIGKILL and SIGSTOP cannot be blocked).
-    let handler_mask =
-        !(signal_bit(libc::SIGKILL) | signal_bit(libc::SIGSTOP) | signal_bit(32) | signal_bit(33));
+    // internal signals, 32 and 33; SIGKILL and SIGSTOP cannot be blocked).
+    let handler_mask = !(signal_bit(libc::SIGKILL)
+        | signal_bit(libc::SIGSTOP)
+        | kgpatch_sys::signal::libc_reserved());
     match blocked {
         Some(m) if m & signal_bit(libc::SIGTRAP) != 0 => {
             !(m & handler_mask == handler_mask && crate::x86_64::trap::in_handler(tid))
@@ -532,33 +451,15 @@ pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
     }
 }
 
-/// The bit of `signal` in a `SigBlk` mask.
-pub fn signal_bit(signal: libc::c_int) -> u64 {
-    1u64 << ((signal - 1) & 63)
-}
-
 /// The user stack pointer and pc of a thread blocked in a system call, from
 /// `/proc/self/task/<tid>/syscall`; `None` while it runs (or when the kernel does not say).
 pub fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
-    let text = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
-    if text.trim() == "running" {
-        return None;
-    }
-    let mut words = text.split_whitespace().rev();
-    let hex = |w: &str| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok();
-    let pc = hex(words.next()?)?;
-    let sp = hex(words.next()?)?;
-    Some((sp, pc))
+    proc::parked(Pid::This, tid)
 }
 
 /// Where a thread that is not running stands, from `/proc/self/task/<tid>/syscall`: its
-/// stack pointer and pc when it is blocked in the kernel, `None` while it runs (or when the
-/// kernel does not say).
+/// pc when it is blocked in the kernel, `None` while it runs (or when the kernel does not
+/// say).
 pub fn parked_pc(tid: i32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
-    let last = text.split_whitespace().last()?;
-    if text.trim() == "running" {
-        return None;
-    }
-    u64::from_str_radix(last.trim_start_matches("0x"), 16).ok()
+    proc::parked(Pid::This, tid).map(|(_, pc)| pc)
 }

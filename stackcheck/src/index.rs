@@ -1,5 +1,5 @@
 //! The unwind index: every loaded object's code ranges and `.eh_frame_hdr`/`.eh_frame`,
-//! found with `dl_iterate_phdr` and read in place from process memory.
+//! found with `dl_iterate_phdr` (kgpatch-sys's walker) and read in place from process memory.
 //!
 //! # Safety
 //! Section data is borrowed from the objects' mappings (no copy, so the index costs a few
@@ -18,7 +18,7 @@
 
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
+use std::ops::ControlFlow;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -29,10 +29,7 @@ use crate::cache::CachePool;
 /// The reader type over mapped section bytes.
 pub(crate) type Slice = EndianSlice<'static, LittleEndian>;
 
-const PT_LOAD: u32 = 1;
-const PT_GNU_EH_FRAME: u32 = 0x6474_e550;
-const PF_X: u32 = 1;
-const PF_R: u32 = 4;
+use libc::{PF_R, PF_X, PT_GNU_EH_FRAME, PT_LOAD};
 
 /// Why the index could not be built.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -61,15 +58,7 @@ impl Default for IndexOptions {
     }
 }
 
-/// A snapshot of the loader's object-set counters (`dlpi_adds`, `dlpi_subs`): equal
-/// stamps mean no object was loaded or unloaded in between.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ObjectsStamp {
-    /// Objects loaded since start.
-    pub adds: u64,
-    /// Objects unloaded since start.
-    pub subs: u64,
-}
+pub use kgpatch_sys::objects::ObjectsStamp;
 
 /// What the index knows about one loaded object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,17 +267,8 @@ fn pin(name: &str, bias: u64) -> Option<usize> {
     if h.is_null() {
         return None;
     }
-    let mut map: *mut libc::c_void = std::ptr::null_mut();
-    // SAFETY: `h` is a valid handle; RTLD_DI_LINKMAP stores a `struct link_map *` in `map`.
-    let rc = unsafe {
-        libc::dlinfo(
-            h,
-            libc::RTLD_DI_LINKMAP,
-            (&mut map as *mut *mut libc::c_void).cast(),
-        )
-    };
-    // SAFETY: a link map starts with `l_addr`, the object's load bias (<link.h>).
-    let same = rc == 0 && !map.is_null() && unsafe { *map.cast::<u64>() } == bias;
+    // SAFETY: `h` is the live handle just taken.
+    let same = unsafe { kgpatch_sys::objects::handle_bias(h) } == Some(bias);
     if !same {
         // SAFETY: our own handle, closed once.
         unsafe { libc::dlclose(h) };
@@ -300,49 +280,7 @@ fn pin(name: &str, bias: u64) -> Option<usize> {
 /// The loader's current object-set counters. Takes the loader's lock; not for signal
 /// handlers.
 pub fn objects_stamp() -> ObjectsStamp {
-    let mut stamp = ObjectsStamp::default();
-    // SAFETY: the callback matches dl_iterate_phdr's contract and only writes through the
-    // data pointer, which is &mut stamp for the duration of the call.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(stamp_callback),
-            (&mut stamp as *mut ObjectsStamp).cast(),
-        )
-    };
-    stamp
-}
-
-/// Reads the counters from the first object and stops.
-unsafe extern "C" fn stamp_callback(
-    info: *mut libc::dl_phdr_info,
-    size: libc::size_t,
-    data: *mut libc::c_void,
-) -> libc::c_int {
-    // SAFETY: dl_iterate_phdr passes a valid info of `size` bytes, and data is the
-    // &mut ObjectsStamp given by objects_stamp.
-    unsafe {
-        if let Some(s) = read_stamp(info, size) {
-            *data.cast::<ObjectsStamp>() = s;
-        }
-    }
-    1
-}
-
-/// The counters of `info`, if the loader's struct is new enough to have them.
-///
-/// # Safety
-/// `info` must point to a valid `dl_phdr_info` of `size` bytes.
-unsafe fn read_stamp(info: *const libc::dl_phdr_info, size: usize) -> Option<ObjectsStamp> {
-    let needed = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
-    if size < needed {
-        return None;
-    }
-    // SAFETY: the caller guarantees info is valid and at least `needed` bytes long.
-    let info = unsafe { &*info };
-    Some(ObjectsStamp {
-        adds: info.dlpi_adds,
-        subs: info.dlpi_subs,
-    })
+    kgpatch_sys::objects::stamp()
 }
 
 #[derive(Default)]
@@ -351,58 +289,21 @@ struct Found {
     stamp: ObjectsStamp,
 }
 
-fn iterate_objects(found: &mut Found) {
-    // SAFETY: the callback matches dl_iterate_phdr's contract and only uses data as the
-    // &mut Found given here, which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(object_callback), (found as *mut Found).cast()) };
-}
-
-/// Records one object. Runs with the loader lock held, so the object cannot be unmapped
+/// Records every object. Runs with the loader lock held, so no object can be unmapped
 /// while its sections are parsed.
-unsafe extern "C" fn object_callback(
-    info: *mut libc::dl_phdr_info,
-    size: libc::size_t,
-    data: *mut libc::c_void,
-) -> libc::c_int {
-    // SAFETY: data is the &mut Found passed by iterate_objects; info is valid for `size`
-    // bytes per dl_iterate_phdr's contract.
-    let (found, info_ref, stamp) =
-        unsafe { (&mut *data.cast::<Found>(), &*info, read_stamp(info, size)) };
-    if found.modules.is_empty() {
-        if let Some(s) = stamp {
-            found.stamp = s;
+fn iterate_objects(found: &mut Found) {
+    kgpatch_sys::objects::for_each(|o| {
+        if o.is_main() {
+            if let Some(s) = o.stamp() {
+                found.stamp = s;
+            }
         }
-    }
-    // SAFETY: dlpi_phdr points to dlpi_phnum program headers of a loaded object.
-    let phdrs = unsafe { program_headers(info_ref) };
-    // SAFETY: dlpi_name is null or a NUL-terminated string owned by the loader.
-    let name = unsafe { object_name(info_ref) };
-    if let Some(m) = module_from(name, info_ref.dlpi_addr, phdrs) {
-        found.modules.push(m);
-    }
-    0
-}
-
-/// # Safety
-/// `info.dlpi_phdr` must point to `info.dlpi_phnum` valid program headers.
-unsafe fn program_headers(info: &libc::dl_phdr_info) -> &[libc::Elf64_Phdr] {
-    if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
-        return &[];
-    }
-    // SAFETY: per the caller's guarantee.
-    unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-}
-
-/// # Safety
-/// `info.dlpi_name` must be null or a valid NUL-terminated string.
-unsafe fn object_name(info: &libc::dl_phdr_info) -> String {
-    if info.dlpi_name.is_null() {
-        return String::new();
-    }
-    // SAFETY: per the caller's guarantee.
-    unsafe { CStr::from_ptr(info.dlpi_name) }
-        .to_string_lossy()
-        .into_owned()
+        let name = o.name().to_string_lossy().into_owned();
+        if let Some(m) = module_from(name, o.bias(), o.phdrs()) {
+            found.modules.push(m);
+        }
+        ControlFlow::Continue(())
+    });
 }
 
 /// Borrows `len` bytes of a loaded object's readable segment at `addr`.

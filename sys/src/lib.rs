@@ -8,6 +8,13 @@
 //! **Must not touch:** anything kgpatch-specific: universe words, machine code, patch
 //! modules, the protocol. It decides nothing; it reports what the kernel says.
 //!
+//! Modules:
+//! - [`thread`]: `gettid`, `tgkill`, errno save and restore, membarrier.
+//! - [`futex`]: wait and wake on an `AtomicU32`.
+//! - [`signal`]: signal-set bits and the signals glibc keeps for itself.
+//! - [`proc`]: `/proc/<pid>`: tasks, maps, status, a blocked thread's syscall, comm.
+//! - [`objects`]: the loaded objects of this process (`dl_iterate_phdr`).
+//!
 //! # Signal safety
 //! Functions marked *async-signal-safe* in their docs make raw system calls into
 //! caller-provided buffers: no allocation, no locks, bounded time. Everything else may
@@ -15,3 +22,9 @@
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
+
+pub mod futex;
+pub mod objects;
+pub mod proc;
+pub mod signal;
+pub mod thread;

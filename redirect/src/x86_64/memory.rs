@@ -24,7 +24,7 @@
 //! thread executes yet (fresh, or reclaimed after a sweep saw every thread outside).
 //! Data is written through its (RW) near address by the patcher and the universe.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
@@ -262,18 +262,10 @@ fn map_region(reach: &[u64], mem: &File) -> Option<Result<Region>> {
 
 /// Free, page-aligned region starts in reach, closest to the first reach point first.
 fn candidates(reach: &[u64]) -> Option<Vec<u64>> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    let mut used: Vec<(u64, u64, bool)> = maps
-        .lines()
-        .filter_map(|l| {
-            let range = l.split_whitespace().next()?;
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-                l.ends_with("[heap]"),
-            ))
-        })
+    let mut used: Vec<(u64, u64, bool)> = kgpatch_sys::proc::maps(kgpatch_sys::proc::Pid::This)
+        .ok()?
+        .iter()
+        .map(|m| (m.start, m.end, m.is_heap()))
         .collect();
     used.sort_unstable();
     let anchor = *reach.first()? as i64;
