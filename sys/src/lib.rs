@@ -15,3 +15,5 @@
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
+
+pub mod ptrace;
