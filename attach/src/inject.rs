@@ -508,7 +508,8 @@ fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Re
             Err(e) if e.is_gone() => return Err(gone),
             Err(e) => return Err(fail(e.to_string())),
         }
-        std::thread::yield_now();
+        // sleep rather than yield: on a busy machine the borrowed thread needs the CPU
+        std::thread::sleep(Duration::from_micros(20));
     }
     if early.is_none() {
         if let Err(e) = ptrace::interrupt(h.tid) {

@@ -1,0 +1,1 @@
+//! Refusals leave the target exactly as it was.

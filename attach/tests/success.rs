@@ -1,0 +1,161 @@
+//! Attach succeeds, the target is unharmed, and nothing of the bootstrap stays behind.
+
+use std::time::Duration;
+
+use kgpatch_attach::{attach, AttachOptions};
+
+use crate::harness::{eventually, fixtures, runtime, Target};
+
+/// Anonymous rwx mappings of the bootstrap's size (there must be none after an attach).
+fn bootstrap_mappings(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next().unwrap();
+            let perms = f.next().unwrap();
+            let (s, e) = range.split_once('-').unwrap();
+            let len = u64::from_str_radix(e, 16).unwrap() - u64::from_str_radix(s, 16).unwrap();
+            perms.starts_with("rwx") && len == 0x10000 && l.split_whitespace().count() == 5
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn opts(rt: &std::path::Path) -> AttachOptions {
+    let mut o = AttachOptions::new(&fixtures().standin);
+    o.runtime_dir = Some(rt.to_path_buf());
+    o.timeout = Duration::from_secs(10);
+    o
+}
+
+/// Attach to a target in `mode` with `threads` threads; returns the target's stats before
+/// and after and the report.
+fn attach_mode(mode: &str, threads: usize) -> (kgpatch_attach::AttachReport, crate::harness::Stats, crate::harness::Stats) {
+    let fx = fixtures();
+    let rt = runtime(&format!("{mode}{threads}"));
+    let mut t = Target::start(&fx.target, mode, threads, &[]);
+    let before = t.stats();
+    assert!(bootstrap_mappings(t.pid).is_empty());
+    let r = attach(t.pid, &opts(&rt)).unwrap_or_else(|e| panic!("attach to {mode}: {e}"));
+    assert!(!r.already);
+    assert!(r.tid > 0);
+    let marker = rt.join(format!("attached.{}", t.pid));
+    assert!(marker.exists(), "the stand-in agent did not run");
+    // the bootstrap thread unmaps its page and ends
+    assert!(
+        eventually(5, || bootstrap_mappings(t.pid).is_empty()),
+        "bootstrap mapping left: {:?}",
+        bootstrap_mappings(t.pid)
+    );
+    assert!(
+        eventually(5, || std::fs::read_dir(format!("/proc/{}/task", t.pid)).unwrap().count() == threads),
+        "bootstrap thread still there"
+    );
+    // let the borrowed thread finish a round or two
+    std::thread::sleep(Duration::from_millis(450));
+    let after = t.stats();
+    assert!(t.alive());
+    // (read-mode threads never finish a round: nobody writes their pipe)
+    assert!(mode == "read" || after.loops > before.loops, "no progress after attach: {before:?} -> {after:?}");
+    assert_eq!(after.corrupt, 0, "registers changed under the target: {after:?}");
+    // attaching again is a no-op that says so
+    let again = attach(t.pid, &opts(&rt)).unwrap();
+    assert!(again.already);
+    assert_eq!(again.tid, 0);
+    eprintln!("{mode} x{threads}: thread {} syscall {:?} paused {:?}, total {:?}, stats {after:?}", r.tid, r.syscall, r.pause, r.total);
+    t.quit();
+    (r, before, after)
+}
+
+#[test]
+fn nanosleep_restarts_transparently() {
+    let (r, before, after) = attach_mode("nanosleep", 4);
+    assert!(
+        matches!(r.syscall, Some(libc::SYS_nanosleep | libc::SYS_clock_nanosleep)),
+        "a sleeping thread is preferred: {:?}",
+        r.syscall
+    );
+    // the interrupted nanosleep goes on sleeping the rest of its time: no EINTR, no short sleep
+    assert_eq!(after.eintr, before.eintr);
+    assert_eq!(after.short, before.short);
+}
+
+#[test]
+fn read_restarts() {
+    let (r, before, after) = attach_mode("read", 3);
+    assert_eq!(r.syscall, Some(libc::SYS_read));
+    assert_eq!(after.eintr, before.eintr, "read is restarted (ERESTARTSYS, no handler)");
+}
+
+#[test]
+fn futex_with_timeout() {
+    let (_r, before, after) = attach_mode("futex", 3);
+    // FUTEX_WAIT with a timeout restarts through restart_syscall
+    assert_eq!(after.eintr, before.eintr);
+}
+
+#[test]
+fn epoll_wait_returns_eintr_once() {
+    let (r, before, after) = attach_mode("epoll", 3);
+    assert_eq!(r.syscall, Some(libc::SYS_epoll_wait));
+    // epoll_wait is never restarted after a stop (signal(7)): the borrowed thread sees one
+    // EINTR, as after a SIGSTOP/SIGCONT or a debugger attach
+    assert_eq!(after.eintr, before.eintr + 1);
+}
+
+#[test]
+fn busy_loop_keeps_its_registers() {
+    let (r, _before, after) = attach_mode("busy", 2);
+    assert_eq!(r.syscall, None, "a busy thread is borrowed in user code");
+    assert_eq!(after.corrupt, 0);
+}
+
+#[test]
+fn thousand_threads() {
+    let (r, _b, _a) = attach_mode("nanosleep", 1000);
+    assert_eq!(r.threads, 1000);
+}
+
+#[test]
+fn agent_failure_is_reported_and_cleaned_up() {
+    let fx = fixtures();
+    let rt = runtime("fail");
+    let mut t = Target::start(&fx.target, "nanosleep", 2, &[]);
+    let e = attach(t.pid, &opts(&rt)).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("stand-in refuses"), "{msg}");
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    assert!(t.alive());
+    let s = t.stats();
+    assert_eq!(s.eintr, 0);
+    t.quit();
+}
+
+#[test]
+fn missing_entry_point_is_reported() {
+    let fx = fixtures();
+    let mut t = Target::start(&fx.target, "nanosleep", 2, &[]);
+    let o = AttachOptions::new(&fx.noentry);
+    let e = attach(t.pid, &o).unwrap_err();
+    assert!(matches!(e, kgpatch_attach::AttachError::NoEntry { .. }), "{e}");
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    assert!(t.alive());
+    t.stats();
+    t.quit();
+}
+
+#[test]
+fn not_a_library_is_reported() {
+    let fx = fixtures();
+    let mut t = Target::start(&fx.target, "nanosleep", 2, &[]);
+    let bogus = crate::harness::dir().join("libbogus.so");
+    std::fs::write(&bogus, b"not an ELF file").unwrap();
+    let e = attach(t.pid, &AttachOptions::new(&bogus)).unwrap_err();
+    assert!(matches!(e, kgpatch_attach::AttachError::Dlopen { .. }), "{e}");
+    assert!(e.to_string().contains("libbogus.so"), "{e}");
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    assert!(t.alive());
+    t.quit();
+}
