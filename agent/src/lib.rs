@@ -14,6 +14,8 @@
 //! - `LD_PRELOAD=libkgpatch_agent.so`: the library starts itself when the process loads it
 //!   (set `KGPATCH_AGENT=off` to keep it dormant), and interposes `pthread_create` so that
 //!   every new thread enters the goal universe before it runs its own code.
+//! - `kgpatch attach <pid>`: a thread of the running process `dlopen`s the library and calls
+//!   [`attach::kgpatch_agent_attach`]; no interposer takes effect (module [`attach`]).
 //!
 //! # Signals
 //! Migration uses one real-time signal (`KGPATCH_SIGNAL`, default `SIGRTMAX-7`) with
@@ -25,6 +27,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod attach;
 mod driver;
 mod error;
 mod migrate;
@@ -85,6 +88,23 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// When the agent was attached to a running process (ms since the Unix epoch; 0: it was
+/// not, it came in by preload or by linking).
+static ATTACHED_AT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records that the agent comes in by `kgpatch attach`, now.
+pub(crate) fn set_origin_attach() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ATTACHED_AT_MS.store(now.max(1), Ordering::Release);
+}
+
+/// When the agent was attached (ms since the Unix epoch), if it was.
+pub fn attached_at_ms() -> Option<u64> {
+    Some(ATTACHED_AT_MS.load(Ordering::Acquire)).filter(|&t| t != 0)
 }
 
 /// `true` once [`start`] succeeded.

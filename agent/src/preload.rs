@@ -41,7 +41,9 @@ extern "C" fn on_load() {
     if std::env::var_os("KGPATCH_AGENT").is_some_and(|v| v == "off") {
         return;
     }
-    if !loaded_as_the_agent_library() {
+    // Loaded late by `kgpatch attach` (or a program's own dlopen): the attach entry point
+    // starts the agent, not the constructor.
+    if !loaded_as_the_agent_library() || !crate::attach::preloaded() {
         return;
     }
     if let Err(e) = crate::start() {

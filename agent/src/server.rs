@@ -193,7 +193,7 @@ pub struct Server {
 impl Server {
     /// Binds `<runtime dir>/<pid>.sock`.
     pub fn bind() -> Result<Server, AgentError> {
-        let dir = runtime_dir(euid());
+        let dir = crate::attach::runtime_dir_override().unwrap_or_else(|| runtime_dir(euid()));
         prepare_dir(&dir)?;
         let path = socket_path(&dir, std::process::id());
         // A socket of a dead process that had our pid.

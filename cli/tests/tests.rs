@@ -13,6 +13,7 @@ mod failclosed;
 mod force;
 mod fork;
 mod frames;
+mod late_load;
 mod lifetime;
 mod load;
 mod parked;
