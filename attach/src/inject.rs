@@ -300,8 +300,11 @@ fn borrow_thread(pid: i32, libc: &Libc, timeout: Duration) -> Result<Held, Attac
             };
             let nr = regs.orig_rax as i64;
             let safe = if nr >= 0 {
-                target::syscall_rank(nr, [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9])
-                    .is_some()
+                target::syscall_rank(
+                    nr,
+                    [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9],
+                )
+                .is_some()
             } else {
                 !in_ranges(&libc.ranges, regs.rip)
             };
@@ -381,7 +384,13 @@ fn borrowed(h: &Held) -> Regs {
 
 /// Run one syscall in the held thread at the libc gadget (syscall-enter and -exit stops,
 /// no signal involved); returns rax.
-fn remote_syscall(h: &Held, gadget: u64, nr: u64, args: [u64; 6], t: Duration) -> Result<i64, StepErr> {
+fn remote_syscall(
+    h: &Held,
+    gadget: u64,
+    nr: u64,
+    args: [u64; 6],
+    t: Duration,
+) -> Result<i64, StepErr> {
     let mut r = borrowed(h);
     r.rip = gadget;
     r.rax = nr;
@@ -397,7 +406,11 @@ fn remote_syscall(h: &Held, gadget: u64, nr: u64, args: [u64; 6], t: Duration) -
         match ptrace::wait_stop(h.tid, t).map_err(step_err)? {
             Stop::Syscall => {}
             Stop::Exited(_) | Stop::Killed(_) => return Err(StepErr::Gone),
-            s => return Err(StepErr::Other(format!("unexpected stop {s:?} in a remote syscall"))),
+            s => {
+                return Err(StepErr::Other(format!(
+                    "unexpected stop {s:?} in a remote syscall"
+                )))
+            }
         }
     }
     let after = ptrace::get_regs(h.tid).map_err(step_err)?;
@@ -406,7 +419,13 @@ fn remote_syscall(h: &Held, gadget: u64, nr: u64, args: [u64; 6], t: Duration) -
 
 /// Borrow the held thread: mmap the bootstrap, pthread_create the bootstrap thread, restore.
 /// Returns the mapping's address and the pause.
-fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Result<(u64, Duration), AttachError> {
+fn inject(
+    pid: i32,
+    h: &Held,
+    prep: &Prepared,
+    mem: &ProcMem,
+    t: Duration,
+) -> Result<(u64, Duration), AttachError> {
     let gone = AttachError::TargetExited { pid };
     // no signal reaches this thread while it runs our code (process-directed ones go to
     // other threads; thread-directed ones wait until its mask is put back)
@@ -416,10 +435,10 @@ fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Re
     }
     let fail = |what: String| -> AttachError {
         match restore(pid, h) {
-            Ok(()) => AttachError::Damaged {
+            Ok(()) => AttachError::Failed {
                 pid,
                 tid: h.tid,
-                what: format!("{what} (the thread was put back)"),
+                what,
             },
             Err(e) => e,
         }
@@ -441,7 +460,13 @@ fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Re
         Err(StepErr::Other(w)) => return Err(fail(w)),
     };
     let unmap_and_restore = |h: &Held| -> Result<(), AttachError> {
-        match remote_syscall(h, l.syscall_gadget, libc::SYS_munmap as u64, [base, boot::LEN, 0, 0, 0, 0], t) {
+        match remote_syscall(
+            h,
+            l.syscall_gadget,
+            libc::SYS_munmap as u64,
+            [base, boot::LEN, 0, 0, 0, 0],
+            t,
+        ) {
             Ok(_) => restore(pid, h),
             Err(StepErr::Gone) => Err(AttachError::TargetExited { pid }),
             Err(StepErr::Other(w)) => Err(fail(w)),
@@ -513,7 +538,11 @@ fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Re
     }
     if early.is_none() {
         if let Err(e) = ptrace::interrupt(h.tid) {
-            return Err(if e.is_gone() { gone } else { fail(e.to_string()) });
+            return Err(if e.is_gone() {
+                gone
+            } else {
+                fail(e.to_string())
+            });
         }
         match ptrace::wait_stop(h.tid, t) {
             Ok(Stop::Interrupt) | Ok(Stop::Syscall) | Ok(Stop::Signal(_)) | Ok(Stop::Event(_)) => {}
@@ -534,7 +563,7 @@ fn inject(pid: i32, h: &Held, prep: &Prepared, mem: &ProcMem, t: Duration) -> Re
             // a fault inside pthread_create: put the thread back; whether a thread was
             // created is unknown, so the mapping stays
             restore(pid, h)?;
-            return Err(AttachError::Damaged {
+            return Err(AttachError::Failed {
                 pid,
                 tid: h.tid,
                 what: format!("pthread_create stopped with {s:?}; a 64 KiB bootstrap mapping at {base:#x} remains"),
@@ -598,7 +627,11 @@ fn wait_answer(pid: i32, mem: &ProcMem, base: u64, t: Duration) -> Result<bool, 
             1 => Ok(true),
             _ => Err(AttachError::AgentFailed {
                 pid,
-                msg: if msg.is_empty() { format!("it returned {ret} without a message") } else { msg },
+                msg: if msg.is_empty() {
+                    format!("it returned {ret} without a message")
+                } else {
+                    msg
+                },
             }),
         },
         state::DLOPEN_FAILED => Err(AttachError::Dlopen { pid, msg }),

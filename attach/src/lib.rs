@@ -234,6 +234,16 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    /// A step failed after the thread was borrowed; it was put back as it was.
+    #[error("attaching to process {pid} failed: {what}; thread {tid} was put back as it was")]
+    Failed {
+        /// The pid.
+        pid: i32,
+        /// The thread.
+        tid: i32,
+        /// What failed.
+        what: String,
+    },
     /// Something the injector could not undo: the target may be affected.
     #[error("process {pid}: {what}; the borrowed thread {tid} could not be put back and the process may misbehave")]
     Damaged {

@@ -71,7 +71,11 @@ impl Status {
     /// First numbers of a multi-number field (`Uid:` real, effective, saved, fs).
     pub fn nums(&self, name: &str) -> Vec<u64> {
         self.field(name)
-            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -164,7 +168,9 @@ pub(crate) struct Libc {
 
 pub(crate) fn is_libc(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or("");
-    name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("libc.musl")
+    name.starts_with("libc.so")
+        || name.starts_with("libc-2.")
+        || name.starts_with("libc.musl")
         || name.starts_with("ld-musl")
 }
 

@@ -105,7 +105,11 @@ impl Target {
         let pid = child.id() as i32;
         // let every thread reach its syscall
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count() < threads {
+        while std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+            < threads
+        {
             assert!(Instant::now() < deadline, "threads did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -213,17 +217,6 @@ pub fn snapshot(pid: i32) -> Snapshot {
         signals,
         regs,
     }
-}
-
-/// The maps without the lines of `so` (the injected library).
-pub fn maps_without(pid: i32, so: &Path) -> String {
-    let name = so.file_name().unwrap().to_str().unwrap();
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.contains(name))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Wait until `f` holds (at most `secs`).

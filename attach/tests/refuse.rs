@@ -71,7 +71,7 @@ fn seccomp_filter() {
 
 #[test]
 fn agent_not_visible() {
-    let mut t = quiet_target(&[]);
+    let t = quiet_target(&[]);
     let before = snapshot(t.pid);
     let mut o = opts();
     o.agent_path = PathBuf::from("/nonexistent/kgpatch/libkgpatch_agent.so");
@@ -164,8 +164,12 @@ fn zombie_target() {
     let pid = t.pid;
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     // not reaped yet: a zombie
-    assert!(crate::harness::eventually(5, || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))));
+    assert!(crate::harness::eventually(5, || std::fs::read_to_string(
+        format!("/proc/{pid}/stat")
+    )
+    .is_ok_and(|s| s
+        .rsplit_once(')')
+        .is_some_and(|(_, r)| r.trim_start().starts_with('Z')))));
     let e = attach(pid, &opts()).unwrap_err();
     assert!(matches!(e, AttachError::TargetExited { .. }), "{e}");
     let _ = t.child.wait();
@@ -204,8 +208,17 @@ fn no_permission() {
     let before = snapshot(t.pid);
     use std::os::unix::process::CommandExt;
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "refuse::permission_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, format!("{}:{}", t.pid, fixtures().standin.display()))
+        .args([
+            "--ignored",
+            "--exact",
+            "refuse::permission_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            CHILD_ENV,
+            format!("{}:{}", t.pid, fixtures().standin.display()),
+        )
         .uid(65534)
         .gid(65534)
         .output()

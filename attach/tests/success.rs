@@ -32,7 +32,14 @@ fn opts(rt: &std::path::Path) -> AttachOptions {
 
 /// Attach to a target in `mode` with `threads` threads; returns the target's stats before
 /// and after and the report.
-fn attach_mode(mode: &str, threads: usize) -> (kgpatch_attach::AttachReport, crate::harness::Stats, crate::harness::Stats) {
+fn attach_mode(
+    mode: &str,
+    threads: usize,
+) -> (
+    kgpatch_attach::AttachReport,
+    crate::harness::Stats,
+    crate::harness::Stats,
+) {
     let fx = fixtures();
     let rt = runtime(&format!("{mode}{threads}"));
     let mut t = Target::start(&fx.target, mode, threads, &[]);
@@ -50,7 +57,10 @@ fn attach_mode(mode: &str, threads: usize) -> (kgpatch_attach::AttachReport, cra
         bootstrap_mappings(t.pid)
     );
     assert!(
-        eventually(5, || std::fs::read_dir(format!("/proc/{}/task", t.pid)).unwrap().count() == threads),
+        eventually(5, || std::fs::read_dir(format!("/proc/{}/task", t.pid))
+            .unwrap()
+            .count()
+            == threads),
         "bootstrap thread still there"
     );
     // let the borrowed thread finish a round or two
@@ -58,13 +68,22 @@ fn attach_mode(mode: &str, threads: usize) -> (kgpatch_attach::AttachReport, cra
     let after = t.stats();
     assert!(t.alive());
     // (read-mode threads never finish a round: nobody writes their pipe)
-    assert!(mode == "read" || after.loops > before.loops, "no progress after attach: {before:?} -> {after:?}");
-    assert_eq!(after.corrupt, 0, "registers changed under the target: {after:?}");
+    assert!(
+        mode == "read" || after.loops > before.loops,
+        "no progress after attach: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.corrupt, 0,
+        "registers changed under the target: {after:?}"
+    );
     // attaching again is a no-op that says so
     let again = attach(t.pid, &opts(&rt)).unwrap();
     assert!(again.already);
     assert_eq!(again.tid, 0);
-    eprintln!("{mode} x{threads}: thread {} syscall {:?} paused {:?}, total {:?}, stats {after:?}", r.tid, r.syscall, r.pause, r.total);
+    eprintln!(
+        "{mode} x{threads}: thread {} syscall {:?} paused {:?}, total {:?}, stats {after:?}",
+        r.tid, r.syscall, r.pause, r.total
+    );
     t.quit();
     (r, before, after)
 }
@@ -73,7 +92,10 @@ fn attach_mode(mode: &str, threads: usize) -> (kgpatch_attach::AttachReport, cra
 fn nanosleep_restarts_transparently() {
     let (r, before, after) = attach_mode("nanosleep", 4);
     assert!(
-        matches!(r.syscall, Some(libc::SYS_nanosleep | libc::SYS_clock_nanosleep)),
+        matches!(
+            r.syscall,
+            Some(libc::SYS_nanosleep | libc::SYS_clock_nanosleep)
+        ),
         "a sleeping thread is preferred: {:?}",
         r.syscall
     );
@@ -86,7 +108,10 @@ fn nanosleep_restarts_transparently() {
 fn read_restarts() {
     let (r, before, after) = attach_mode("read", 3);
     assert_eq!(r.syscall, Some(libc::SYS_read));
-    assert_eq!(after.eintr, before.eintr, "read is restarted (ERESTARTSYS, no handler)");
+    assert_eq!(
+        after.eintr, before.eintr,
+        "read is restarted (ERESTARTSYS, no handler)"
+    );
 }
 
 #[test]
@@ -139,7 +164,10 @@ fn missing_entry_point_is_reported() {
     let mut t = Target::start(&fx.target, "nanosleep", 2, &[]);
     let o = AttachOptions::new(&fx.noentry);
     let e = attach(t.pid, &o).unwrap_err();
-    assert!(matches!(e, kgpatch_attach::AttachError::NoEntry { .. }), "{e}");
+    assert!(
+        matches!(e, kgpatch_attach::AttachError::NoEntry { .. }),
+        "{e}"
+    );
     assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
     assert!(t.alive());
     t.stats();
@@ -153,9 +181,78 @@ fn not_a_library_is_reported() {
     let bogus = crate::harness::dir().join("libbogus.so");
     std::fs::write(&bogus, b"not an ELF file").unwrap();
     let e = attach(t.pid, &AttachOptions::new(&bogus)).unwrap_err();
-    assert!(matches!(e, kgpatch_attach::AttachError::Dlopen { .. }), "{e}");
+    assert!(
+        matches!(e, kgpatch_attach::AttachError::Dlopen { .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("libbogus.so"), "{e}");
     assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
     assert!(t.alive());
+    t.quit();
+}
+
+/// `libkgpatch_agent.so` of this build (cargo builds it into our target directory; a no-op
+/// when current).
+fn real_agent() -> std::path::PathBuf {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let target_dir = tmp.parent().unwrap();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "kgpatch-agent"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join(profile).join("libkgpatch_agent.so")
+}
+
+#[test]
+fn real_agent_answers_status_on_its_socket() {
+    use std::io::{BufRead, Write};
+    let so = real_agent();
+    let fx = fixtures();
+    let rt = runtime("real");
+    std::fs::set_permissions(&rt, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut t = Target::start(&fx.target, "epoll", 4, &[]);
+    let mut o = AttachOptions::new(&so);
+    o.runtime_dir = Some(rt.clone());
+    let r = attach(t.pid, &o).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!r.already);
+    let sock = rt.join(format!("{}.sock", t.pid));
+    assert!(
+        eventually(5, || sock.exists()),
+        "no socket at {}",
+        sock.display()
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"{\"v\":1,\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"result\""), "status answer: {line}");
+    assert!(!line.contains("\"error\""), "status answer: {line}");
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    let again = attach(t.pid, &o).unwrap();
+    assert!(again.already, "second attach is a no-op");
+    let st = t.stats();
+    assert_eq!(st.corrupt, 0);
+    eprintln!(
+        "real agent: pause {:?}, total {:?}; status: {}",
+        r.pause,
+        r.total,
+        line.trim()
+    );
     t.quit();
 }
