@@ -53,7 +53,15 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
     }
     let held = borrow_thread(pid, &prep.libc, opts.timeout)?;
     let old = ptrace::block_termination_signals();
+    let others = if opts.stop_the_world {
+        stop_others(pid, held.tid, opts.timeout)
+    } else {
+        Vec::new()
+    };
     let injected = inject(pid, &held, &prep, &mem, opts.timeout);
+    for (tid, sig) in others {
+        let _ = ptrace::detach(tid, sig);
+    }
     ptrace::restore_thread_sigmask(&old);
     let (base, pause) = injected?;
     let answer = wait_answer(pid, &mem, base, opts.timeout.saturating_sub(t0.elapsed()))?;
@@ -637,4 +645,28 @@ fn wait_answer(pid: i32, mem: &ProcMem, base: u64, t: Duration) -> Result<bool, 
         state::DLOPEN_FAILED => Err(AttachError::Dlopen { pid, msg }),
         _ => Err(AttachError::NoEntry { pid, msg }),
     }
+}
+
+/// The stop-the-world baseline: seize and stop every thread but `except`; returns each
+/// stopped thread with the signal to hand back when it is let go.
+fn stop_others(pid: i32, except: i32, t: Duration) -> Vec<(i32, i32)> {
+    let tids = target::tasks(pid).unwrap_or_default();
+    let mut seized = Vec::new();
+    for tid in tids.into_iter().filter(|&x| x != except) {
+        if ptrace::seize(tid, 0).is_ok() && ptrace::interrupt(tid).is_ok() {
+            seized.push(tid);
+        }
+    }
+    let mut stopped = Vec::new();
+    for tid in seized {
+        match ptrace::wait_stop(tid, t) {
+            Ok(Stop::Signal(sig)) => stopped.push((tid, sig)),
+            Ok(Stop::Exited(_)) | Ok(Stop::Killed(_)) => {}
+            Ok(_) => stopped.push((tid, 0)),
+            // not stopped in time: it stays seized until it stops or we exit; the
+            // baseline only runs in the benchmark
+            Err(_) => {}
+        }
+    }
+    stopped
 }

@@ -44,6 +44,9 @@ pub struct AttachOptions {
     pub runtime_dir: Option<PathBuf>,
     /// Bound on every wait (the thread stopping, the new thread's result).
     pub timeout: Duration,
+    /// The benchmark's baseline: also stop every other thread (seize + interrupt) for the
+    /// whole injection, as libcare and upatch do. Never needed for safety.
+    pub stop_the_world: bool,
 }
 
 impl AttachOptions {
@@ -53,6 +56,7 @@ impl AttachOptions {
             agent_path: agent_path.into(),
             runtime_dir: None,
             timeout: Duration::from_secs(10),
+            stop_the_world: false,
         }
     }
 }
