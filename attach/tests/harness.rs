@@ -90,7 +90,7 @@ pub struct Stats {
 impl Target {
     pub fn start(exe: &Path, mode: &str, threads: usize, extra: &[&str]) -> Target {
         let mut child = Command::new(exe)
-            .arg(mode)
+            .args((!mode.is_empty()).then_some(mode))
             .arg(threads.to_string())
             .args(extra)
             .stdin(Stdio::piped())

@@ -256,3 +256,55 @@ fn real_agent_answers_status_on_its_socket() {
     );
     t.quit();
 }
+
+/// Attach to a target built by `build` (argument: thread count), check it goes on.
+fn attach_program(exe: &std::path::Path, name: &str, threads: usize) {
+    let rt = runtime(name);
+    let mut t = Target::start(exe, "", threads, &[]);
+    let before = t.stats();
+    let r = attach(t.pid, &opts(&rt)).unwrap_or_else(|e| panic!("attach to {name}: {e}"));
+    assert!(rt.join(format!("attached.{}", t.pid)).exists());
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    std::thread::sleep(Duration::from_millis(200));
+    let after = t.stats();
+    assert!(after.loops > before.loops, "{name} stopped making progress");
+    assert!(t.alive());
+    eprintln!("{name}: thread {} syscall {:?} paused {:?}", r.tid, r.syscall, r.pause);
+    t.quit();
+}
+
+#[test]
+fn cxx_program() {
+    let out = crate::harness::dir().join("cxx-target");
+    std::fs::create_dir_all(crate::harness::dir()).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cxx.cpp");
+    let st = std::process::Command::new("g++")
+        .args(["-O1", "-pthread"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status();
+    if !st.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED cxx_program: g++ is not available");
+        return;
+    }
+    attach_program(&out, "cxx", 6);
+}
+
+#[test]
+fn rust_std_program() {
+    let out = crate::harness::dir().join("rust-target");
+    std::fs::create_dir_all(crate::harness::dir()).unwrap();
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rust_target.rs");
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let st = std::process::Command::new(rustc)
+        .args(["-O", "--edition", "2021"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "rustc failed");
+    attach_program(&out, "rust", 7);
+}
