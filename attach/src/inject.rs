@@ -230,6 +230,17 @@ fn in_ranges(ranges: &[(u64, u64)], pc: u64) -> bool {
     ranges.iter().any(|&(s, e)| pc >= s && pc < e)
 }
 
+/// Thread `tid` of `pid` is gone, a zombie or dead.
+fn exiting(pid: i32, tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_none_or(|st| st == "Z" || st == "X" || st == "x"),
+    }
+}
+
 fn rank(pid: i32, tid: i32) -> Option<u8> {
     // a thread in uninterruptible sleep would not stop in time
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
@@ -252,20 +263,39 @@ fn borrow_thread(pid: i32, libc: &Libc, timeout: Duration) -> Result<Held, Attac
         if tids.is_empty() {
             return Err(AttachError::TargetExited { pid });
         }
-        let mut cands: Vec<(u8, i32)> = tids
-            .iter()
-            .filter_map(|&t| rank(pid, t).map(|r| (r, t)))
-            .collect();
+        // read /proc only until four threads asleep in a harmless call are found: with
+        // 1,000 threads a full scan costs the machine more than the injection
+        let mut cands: Vec<(u8, i32)> = Vec::new();
+        let mut best = 0;
+        for &t in &tids {
+            if let Some(r) = rank(pid, t) {
+                cands.push((r, t));
+                best += usize::from(r == 0);
+                if best >= 4 {
+                    break;
+                }
+            }
+        }
         cands.sort_unstable();
         for &(_, tid) in cands.iter().take(4) {
             match ptrace::seize(tid, libc::PTRACE_O_TRACESYSGOOD as u32) {
                 Ok(()) => {}
                 Err(e) if e.is_gone() => continue,
-                Err(ptrace::PtraceError::Os { err, .. }) if err.raw_os_error() == Some(libc::EPERM) => {
+                Err(ptrace::PtraceError::Os { err, .. })
+                    if err.raw_os_error() == Some(libc::EPERM) =>
+                {
+                    // the kernel also says EPERM for a thread that is exiting
+                    std::thread::sleep(Duration::from_millis(10));
+                    if exiting(pid, pid) {
+                        return Err(AttachError::TargetExited { pid });
+                    }
+                    if exiting(pid, tid) {
+                        continue;
+                    }
                     return Err(AttachError::Permission {
                         pid,
                         why: format!("the kernel refused PTRACE_SEIZE ({err}; Yama, a dumpable flag or another tracer)"),
-                    })
+                    });
                 }
                 Err(e) => return Err(ptrace_err(pid, e)),
             }
@@ -278,6 +308,16 @@ fn borrow_thread(pid: i32, libc: &Libc, timeout: Duration) -> Result<Held, Attac
             }
             let stop = match ptrace::wait_stop(tid, stop_wait) {
                 Ok(s) => s,
+                Err(e @ ptrace::PtraceError::Timeout { .. }) => {
+                    // it will stop when it leaves the kernel: wait for that once more and
+                    // let it go, rather than leave it to stop with nobody to resume it
+                    if let Ok(Stop::Interrupt | Stop::Syscall | Stop::Event(_)) =
+                        ptrace::wait_stop(tid, timeout)
+                    {
+                        let _ = ptrace::detach(tid, 0);
+                    }
+                    return Err(ptrace_err(pid, e));
+                }
                 Err(e) => return Err(ptrace_err(pid, e)),
             };
             match stop {

@@ -138,6 +138,15 @@ fn busy_loop_keeps_its_registers() {
 }
 
 #[test]
+fn process_that_forks() {
+    let (_r, _before, after) = attach_mode("fork", 3);
+    assert_eq!(
+        after.corrupt, 0,
+        "a fork or a child's status went wrong: {after:?}"
+    );
+}
+
+#[test]
 fn thousand_threads() {
     let (r, _b, _a) = attach_mode("nanosleep", 1000);
     assert_eq!(r.threads, 1000);
@@ -269,7 +278,10 @@ fn attach_program(exe: &std::path::Path, name: &str, threads: usize) {
     let after = t.stats();
     assert!(after.loops > before.loops, "{name} stopped making progress");
     assert!(t.alive());
-    eprintln!("{name}: thread {} syscall {:?} paused {:?}", r.tid, r.syscall, r.pause);
+    eprintln!(
+        "{name}: thread {} syscall {:?} paused {:?}",
+        r.tid, r.syscall, r.pause
+    );
     t.quit();
 }
 

@@ -184,7 +184,12 @@ pub fn measure(quick: bool, counts: &[usize]) -> Vec<AttachRow> {
     let dir = std::env::temp_dir().join(format!("kgpatch-bench-attach-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let exe = cc(&dir, "target", TARGET_C, &["-O2", "-pthread"]);
-    let so = cc(&dir, "libstandin.so", STANDIN_C, &["-O2", "-shared", "-fPIC"]);
+    let so = cc(
+        &dir,
+        "libstandin.so",
+        STANDIN_C,
+        &["-O2", "-shared", "-fPIC"],
+    );
     let mut rows = Vec::new();
     let mut k = 0u32;
     for &n in counts {
@@ -257,8 +262,18 @@ pub fn print(rows: &[AttachRow]) {
     println!("\n## Attach: one borrowed thread vs. stop the world (µs unless noted)");
     println!(
         "{:>7} {:<15} {:>4} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11} {:>8}",
-        "threads", "method", "runs", "attach ms", "hold p50", "hold p99", "hold max",
-        "borrowed50", "borrowedmx", "others p50", "others max", "noise"
+        "threads",
+        "method",
+        "runs",
+        "attach ms",
+        "hold p50",
+        "hold p99",
+        "hold max",
+        "borrowed50",
+        "borrowedmx",
+        "others p50",
+        "others max",
+        "noise"
     );
     for r in rows {
         println!(
