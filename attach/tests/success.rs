@@ -320,3 +320,35 @@ fn rust_std_program() {
     assert!(st.success(), "rustc failed");
     attach_program(&out, "rust", 7);
 }
+
+/// Many attaches into the same busy target (each a fresh copy of the stand-in, so each one
+/// really injects): the riskiest case, a thread borrowed in user code, over and over.
+#[test]
+fn repeated_attaches_into_a_busy_target() {
+    let fx = fixtures();
+    let rt = runtime("repeat");
+    let mut t = Target::start(&fx.target, "busy", 3, &[]);
+    let mut pauses = Vec::new();
+    for i in 0..40 {
+        let copy = crate::harness::dir().join(format!("libstandin-r{i}.so"));
+        std::fs::copy(&fx.standin, &copy).unwrap();
+        let mut o = opts(&rt);
+        o.agent_path = copy;
+        let r = attach(t.pid, &o).unwrap_or_else(|e| panic!("attach {i}: {e}"));
+        // the stand-in's static says "already" after the first start only if it is the
+        // same object: each copy is a new one
+        assert!(!r.already, "attach {i}");
+        pauses.push(r.pause);
+        assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()), "attach {i}");
+    }
+    let s = t.stats();
+    assert_eq!(s.corrupt, 0, "{s:?}");
+    assert!(t.alive());
+    pauses.sort();
+    eprintln!(
+        "40 attaches into a busy target: pause p50 {:?}, max {:?}",
+        pauses[20],
+        pauses[39]
+    );
+    t.quit();
+}
