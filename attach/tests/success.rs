@@ -339,7 +339,10 @@ fn repeated_attaches_into_a_busy_target() {
         // same object: each copy is a new one
         assert!(!r.already, "attach {i}");
         pauses.push(r.pause);
-        assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()), "attach {i}");
+        assert!(
+            eventually(5, || bootstrap_mappings(t.pid).is_empty()),
+            "attach {i}"
+        );
     }
     let s = t.stats();
     assert_eq!(s.corrupt, 0, "{s:?}");
@@ -347,8 +350,7 @@ fn repeated_attaches_into_a_busy_target() {
     pauses.sort();
     eprintln!(
         "40 attaches into a busy target: pause p50 {:?}, max {:?}",
-        pauses[20],
-        pauses[39]
+        pauses[20], pauses[39]
     );
     t.quit();
 }
