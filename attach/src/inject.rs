@@ -64,7 +64,7 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
     }
     ptrace::restore_thread_sigmask(&old);
     let (base, pause) = injected?;
-    let answer = wait_answer(pid, &mem, base, opts.timeout.saturating_sub(t0.elapsed()))?;
+    let answer = wait_answer(pid, &mem, base, opts.timeout)?;
     Ok(AttachReport {
         pid,
         already: answer,

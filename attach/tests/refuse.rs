@@ -234,3 +234,32 @@ fn no_permission() {
     t.stats();
     t.quit();
 }
+
+/// A process started with the agent preloaded: attach says "already" and touches nothing.
+#[test]
+fn preloaded_agent_is_a_no_op() {
+    let so = crate::success::real_agent();
+    let rt = crate::harness::runtime("preloaded");
+    std::fs::set_permissions(&rt, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut child = Command::new(&fixtures().target)
+        .args(["read", "3"])
+        .env("LD_PRELOAD", &so)
+        .env("KGPATCH_RUNTIME_DIR", &rt)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(Duration::from_millis(200));
+    let before = snapshot(pid);
+    let r = attach(pid, &AttachOptions::new(&so)).unwrap();
+    assert!(r.already, "{r:?}");
+    assert_eq!(r.tid, 0, "no thread was borrowed");
+    assert_eq!(snapshot(pid), before);
+    let _ = child.kill();
+    let _ = child.wait();
+}

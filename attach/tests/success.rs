@@ -202,7 +202,7 @@ fn not_a_library_is_reported() {
 
 /// `libkgpatch_agent.so` of this build (cargo builds it into our target directory; a no-op
 /// when current).
-fn real_agent() -> std::path::PathBuf {
+pub fn real_agent() -> std::path::PathBuf {
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let target_dir = tmp.parent().unwrap();
     let profile = if cfg!(debug_assertions) {
