@@ -74,7 +74,7 @@ pub unsafe extern "C" fn kgpatch_agent_attach(
     }
     // A panic must not unwind into the bootstrap's C frames.
     let started = std::panic::catch_unwind(|| {
-        crate::set_origin_attach();
+        crate::set_origin(crate::protocol::Origin::Attach);
         strip_trap_from_handler_masks();
         crate::start().map_err(|e| e.to_string())
     });

@@ -1145,6 +1145,7 @@ impl Driver {
             patches,
             transition,
             last: self.last.clone(),
+            agent: crate::origin_info(),
             handler: crate::timing::HANDLER.snapshot(),
             halted: crate::timing::HALTED.snapshot(),
             unwind_index_bytes: self

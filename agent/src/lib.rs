@@ -1,7 +1,8 @@
 //! The in-process runtime of kgpatch: control socket, transition driver, migration signal
 //! handling.
 //!
-//! **Owns:** the agent thread, the control protocol ([`protocol`]), the thread registry, the
+//! **Owns:** the agent thread, the server side of the control protocol ([`protocol`], the
+//! `kgpatch-protocol` crate re-exported), the thread registry, the
 //! migration signal and its handler, the thread-start hook and [`quiescent`]. It joins
 //! `kgpatch-universe` (what may happen), `kgpatch-stackcheck` (is this thread clean),
 //! `kgpatch-redirect` (machine code) and `kgpatch-kmod` (what the patch is).
@@ -31,26 +32,58 @@ pub mod attach;
 mod driver;
 mod error;
 mod migrate;
-pub mod protocol;
 mod registry;
 mod server;
 mod stacks;
 mod stw;
+mod thread;
 mod timing;
 
+/// The control protocol (the `kgpatch-protocol` crate): messages, error kinds, socket paths.
+pub use kgpatch_protocol as protocol;
 pub use timing::HandlerTimes;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 pub use driver::migration_signal;
 pub use error::AgentError;
 pub use migrate::quiescent;
-pub use server::{prune_stale_sockets, runtime_dir, socket_path};
+pub use protocol::{prune_stale_sockets, runtime_dir, socket_path};
 
 static STARTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// How the agent came in: 0 until set, else `origin_code`'s value; and when it started.
+static ORIGIN: AtomicU8 = AtomicU8::new(0);
+static SINCE_UNIX_MS: AtomicU64 = AtomicU64::new(0);
+
+fn origin_code(o: protocol::Origin) -> u8 {
+    match o {
+        protocol::Origin::Preload => 1,
+        protocol::Origin::Attach => 2,
+        protocol::Origin::Linked => 3,
+    }
+}
+
+/// Records how the agent came in, before [`start`] (which records `Linked` if nobody did).
+pub(crate) fn set_origin(o: protocol::Origin) {
+    ORIGIN.store(origin_code(o), Ordering::Relaxed);
+}
+
+/// How and when the agent came in, once [`start`] succeeded.
+pub(crate) fn origin_info() -> Option<protocol::AgentInfo> {
+    let origin = match ORIGIN.load(Ordering::Relaxed) {
+        1 => protocol::Origin::Preload,
+        2 => protocol::Origin::Attach,
+        3 => protocol::Origin::Linked,
+        _ => return None,
+    };
+    Some(protocol::AgentInfo {
+        origin,
+        since_unix_ms: SINCE_UNIX_MS.load(Ordering::Relaxed),
+    })
+}
 
 /// Starts the agent in this process (once; later calls return the first result): sets up
 /// patching, binds the control socket and starts the agent thread. Returns the socket path.
@@ -61,15 +94,27 @@ pub fn start() -> Result<PathBuf, String> {
             let driver = driver::Driver::new().map_err(|e| e.to_string())?;
             let server = server::Server::bind().map_err(|e| e.to_string())?;
             let path = server.path().to_owned();
+            let _ = ORIGIN.compare_exchange(
+                0,
+                origin_code(protocol::Origin::Linked),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            SINCE_UNIX_MS.store(since, Ordering::Relaxed);
             preload::cache_signals(
                 migration_signal(),
                 kgpatch_redirect::PatcherConfig::default().sweep_signal,
             );
             ACTIVE.store(true, Ordering::Release);
-            std::thread::Builder::new()
-                .name("kgpatch-agent".into())
-                .spawn(move || server.run(driver))
-                .map_err(|e| format!("cannot start the agent thread: {e}"))?;
+            thread::with_async_signals_blocked(|| {
+                std::thread::Builder::new()
+                    .name("kgpatch-agent".into())
+                    .spawn(move || server.run(driver))
+            })
+            .map_err(|e| format!("cannot start the agent thread: {e}"))?;
             Ok(path)
         })
         .clone()
@@ -88,23 +133,6 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-}
-
-/// When the agent was attached to a running process (ms since the Unix epoch; 0: it was
-/// not, it came in by preload or by linking).
-static ATTACHED_AT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Records that the agent comes in by `kgpatch attach`, now.
-pub(crate) fn set_origin_attach() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    ATTACHED_AT_MS.store(now.max(1), Ordering::Release);
-}
-
-/// When the agent was attached (ms since the Unix epoch), if it was.
-pub fn attached_at_ms() -> Option<u64> {
-    Some(ATTACHED_AT_MS.load(Ordering::Acquire)).filter(|&t| t != 0)
 }
 
 /// `true` once [`start`] succeeded.

@@ -46,6 +46,7 @@ extern "C" fn on_load() {
     if !loaded_as_the_agent_library() || !crate::attach::preloaded() {
         return;
     }
+    crate::set_origin(crate::protocol::Origin::Preload);
     if let Err(e) = crate::start() {
         eprintln!(
             "kgpatch agent: not started in pid {}: {e}",

@@ -16,113 +16,9 @@ use tracing::{debug, warn};
 
 use crate::driver::{Driver, TransitionOptions, DEFAULT_TIMEOUT};
 use crate::error::AgentError;
-use crate::protocol::{self, ErrorKind, Request, Response};
-
-/// The runtime directory for processes of `uid`: `$KGPATCH_RUNTIME_DIR`, else
-/// `/tmp/kgpatch-<uid>`.
-pub fn runtime_dir(uid: u32) -> PathBuf {
-    match std::env::var_os("KGPATCH_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(format!("/tmp/kgpatch-{uid}")),
-    }
-}
-
-/// The socket of process `pid` in `dir`.
-pub fn socket_path(dir: &Path, pid: u32) -> PathBuf {
-    dir.join(format!("{pid}.sock"))
-}
-
-/// Removes the sockets in `dir` that no agent serves any more (left by processes that
-/// exited without unlinking theirs: killed, or `_exit`): `<pid>.sock` files, except `keep`'s,
-/// that refuse a connection and that no socket of this system is bound to
-/// (`/proc/net/unix`). A pid alone proves nothing (pids are reused): a live agent accepts
-/// connections, and one between its `bind` and `listen` is listed as bound. Returns the
-/// paths removed; on any doubt (an unreadable `/proc/net/unix`) nothing is removed.
-pub fn prune_stale_sockets(dir: &Path, keep: Option<u32>) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let refusing: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let name = e.file_name();
-            let pid = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".sock"))
-                .and_then(|p| p.parse::<u32>().ok());
-            pid.is_some_and(|p| Some(p) != keep)
-                && e.file_type().is_ok_and(|t| {
-                    use std::os::unix::fs::FileTypeExt;
-                    t.is_socket()
-                })
-        })
-        .map(|e| e.path())
-        .filter(|p| refuses_connection(p))
-        .collect();
-    if refusing.is_empty() {
-        return Vec::new();
-    }
-    let Ok(bound) = std::fs::read_to_string("/proc/net/unix") else {
-        return Vec::new();
-    };
-    // Paths of bound sockets are the last column; compare file names (the path a socket
-    // was bound with may be relative), which can only keep more than needed.
-    let bound_names: Vec<&str> = bound
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(7))
-        .filter_map(|p| p.rsplit('/').next())
-        .collect();
-    let mut removed = Vec::new();
-    for path in refusing {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if !bound_names.contains(&name) && std::fs::remove_file(&path).is_ok() {
-            debug!(path = %path.display(), "removed a stale agent socket");
-            removed.push(path);
-        }
-    }
-    removed
-}
-
-/// `true` if a non-blocking connect to the socket at `path` is refused (nobody listens). A
-/// full backlog (`EAGAIN`) or any other answer counts as alive.
-fn refuses_connection(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: a zeroed sockaddr_un is valid (AF_UNSPEC, empty path); filled below.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return false;
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = b as libc::c_char;
-    }
-    // SAFETY: socket takes integers only.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of the size given; `fd` is ours.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    let refused =
-        rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED);
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
-    refused
-}
+use crate::protocol::{
+    self, prune_stale_sockets, runtime_dir, socket_path, ErrorKind, Request, Response,
+};
 
 fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.
@@ -199,7 +95,9 @@ impl Server {
         // A socket of a dead process that had our pid.
         let _ = std::fs::remove_file(&path);
         // And those of other processes that are gone.
-        prune_stale_sockets(&dir, Some(std::process::id()));
+        for stale in prune_stale_sockets(&dir, Some(std::process::id())) {
+            debug!(path = %stale.display(), "removed a stale agent socket");
+        }
         let listener = UnixListener::bind(&path).map_err(|source| AgentError::Os {
             call: "bind of the control socket",
             source,

@@ -59,18 +59,7 @@ pub fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Percentiles of every handler run so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HandlerTimes {
-    /// Handler runs recorded.
-    pub count: u64,
-    /// Median, in nanoseconds (bucket upper bound, 100 ns resolution).
-    pub p50_ns: u64,
-    /// 99th percentile, in nanoseconds.
-    pub p99_ns: u64,
-    /// Longest, in nanoseconds.
-    pub max_ns: u64,
-}
+pub use kgpatch_protocol::HandlerTimes;
 
 impl Histogram {
     const fn new() -> Histogram {

@@ -2,17 +2,13 @@
 //! (`start()`), a worker that blocks the migration signal with the raw system call (so no
 //! interposer can undo it) and so can only move at a quiescent point.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::{
-    self, BlockerInfo, OnTimeout, OutcomeKind, Request, Response, Status,
-};
+use kgpatch_agent::protocol::{BlockerInfo, Client, OnTimeout, OutcomeKind, Request, Response};
 
 /// The function the test patches: 3x + 7 (the patch makes it 1000 + x).
 #[no_mangle]
@@ -21,18 +17,13 @@ pub extern "C" fn kgq_target(x: u64) -> u64 {
     std::hint::black_box(x).wrapping_mul(3).wrapping_add(7)
 }
 
-fn call(socket: &Path, req: &Request) -> Response {
-    let s = UnixStream::connect(socket).expect("connect");
-    (&s).write_all(protocol::encode(req).as_bytes()).unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    protocol::decode(&line).unwrap()
-}
-
-fn status(socket: &Path) -> Status {
-    match call(socket, &Request::Status) {
-        Response::Status(s) => *s,
-        other => panic!("{other:?}"),
+/// Waits until `cond` holds, polling every millisecond, for at most `deadline` (generous:
+/// the machine may be loaded); panics with `what` if it never does.
+fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "{what} (waited {deadline:?})");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -92,14 +83,23 @@ fn a_thread_that_blocks_our_signal_moves_at_its_quiescent_point() {
     let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
     std::env::set_var("KGPATCH_RUNTIME_DIR", &dir);
     let socket = kgpatch_agent::start().expect("the agent starts in this process");
+    let agent = Client::at(&socket);
     let module = build_module(&dir);
 
     let quiesce = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let tid = Arc::new(AtomicU64::new(0));
+    // Iterations of the worker's loop completed (each made one call of kgq_target).
+    let rounds = Arc::new(AtomicU64::new(0));
     let worker = {
-        let (quiesce, last, stop, tid) = (quiesce.clone(), last.clone(), stop.clone(), tid.clone());
+        let (quiesce, last, stop, tid, rounds) = (
+            quiesce.clone(),
+            last.clone(),
+            stop.clone(),
+            tid.clone(),
+            rounds.clone(),
+        );
         std::thread::spawn(move || {
             block_migration_signal_raw();
             // SAFETY: gettid has no arguments.
@@ -112,32 +112,38 @@ fn a_thread_that_blocks_our_signal_moves_at_its_quiescent_point() {
                 if quiesce.load(Ordering::Relaxed) {
                     kgpatch_agent::quiescent();
                 }
+                rounds.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_micros(200));
             }
         })
     };
-    while tid.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // The worker publishes its tid before its first call: wait for the call, not the tid
+    // alone.
+    wait_for(
+        Duration::from_secs(30),
+        "the worker never ran a round",
+        || rounds.load(Ordering::SeqCst) > 0,
+    );
     let tid = tid.load(Ordering::SeqCst) as u32;
-    assert_eq!(last.load(Ordering::SeqCst), 10);
+    assert_ne!(tid, 0);
+    assert_eq!(last.load(Ordering::SeqCst), 10, "the old code runs");
 
-    let t = match call(
-        &socket,
-        &Request::Apply {
+    let t = match agent
+        .call(&Request::Apply {
             module,
             timeout_ms: Some(20_000),
             on_timeout: OnTimeout::Reverse,
             stop_the_world: false,
-        },
-    ) {
+        })
+        .expect("the agent answers")
+    {
         Response::Started { t, .. } => t,
         other => panic!("apply: {other:?}"),
     };
     // Without a quiescent point the worker cannot move: status says why.
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = status(&socket);
+        let s = agent.status().expect("status");
         let tr = s.transition.expect("the transition waits for the worker");
         if let Some(th) = tr.pending.iter().find(|th| th.tid == tid) {
             if th.blocker == Some(BlockerInfo::SignalBlocked) {
@@ -160,7 +166,7 @@ fn a_thread_that_blocks_our_signal_moves_at_its_quiescent_point() {
     quiesce.store(true, Ordering::SeqCst);
     let end = Instant::now() + Duration::from_secs(10);
     let outcome = loop {
-        if let Some(o) = status(&socket).last.filter(|o| o.t == t) {
+        if let Some(o) = agent.status().expect("status").last.filter(|o| o.t == t) {
             break o;
         }
         assert!(
@@ -170,7 +176,14 @@ fn a_thread_that_blocks_our_signal_moves_at_its_quiescent_point() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(outcome.result, OutcomeKind::Completed);
-    std::thread::sleep(Duration::from_millis(20));
+    // The worker moved at its quiescent point before completion; a round that starts after
+    // this load calls kgq_target after it moved.
+    let seen = rounds.load(Ordering::SeqCst);
+    wait_for(
+        Duration::from_secs(30),
+        "the worker stopped running",
+        || rounds.load(Ordering::SeqCst) >= seen + 2,
+    );
     assert_eq!(
         last.load(Ordering::SeqCst),
         1001,

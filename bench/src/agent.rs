@@ -1,13 +1,11 @@
 //! Building what the benchmark runs, and talking to an agent over its socket.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kgpatch_agent::protocol::{self, Outcome, Request, Response, Status};
+use kgpatch_protocol::{Client, Outcome, Request, Response, Status};
 
 /// The agent library and a private runtime directory.
 pub struct Built {
@@ -46,36 +44,24 @@ impl Drop for Built {
 
 /// A client of one process's agent.
 pub struct Agent {
-    socket: PathBuf,
+    client: Client,
 }
 
 impl Agent {
-    /// Waits for the agent of `pid` to listen.
+    /// Waits (10 s at most) for the agent of `pid` to accept connections.
     pub fn connect(built: &Built, pid: u32) -> Agent {
-        let socket = kgpatch_agent::socket_path(&built.runtime_dir, pid);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < end,
-                "no agent socket at {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        let client = Client::in_dir(&built.runtime_dir, pid);
+        if let Err(e) = client.wait_until_listening(Duration::from_secs(10)) {
+            panic!("no agent at {}: {e}", client.socket().display());
         }
-        Agent { socket }
+        Agent { client }
     }
 
     /// One request, one response.
     pub fn call(&self, req: &Request) -> Response {
-        let stream = UnixStream::connect(&self.socket).expect("connect to the agent");
-        (&stream)
-            .write_all(protocol::encode(req).as_bytes())
-            .expect("send");
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .expect("answer");
-        protocol::decode(&line).expect("a protocol answer")
+        self.client
+            .call(req)
+            .unwrap_or_else(|e| panic!("{req:?}: {e}"))
     }
 
     /// The agent's status.

@@ -23,10 +23,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::{OnTimeout, OutcomeKind, Request};
-use kgpatch_agent::HandlerTimes;
 use kgpatch_examples::load::{LoadConfig, LoadReport};
 use kgpatch_examples::{patch_path, DemoServer, Patch, ServerOptions, Variant};
+use kgpatch_protocol::{HandlerTimes, OnTimeout, OutcomeKind, Request};
 use serde_json::{json, Value};
 
 use agent::{Agent, Built};

@@ -1,13 +1,29 @@
 //! `kgpatch`: the command-line client of the in-process agent.
 //!
-//! **Owns:** argument parsing, talking to an agent's control socket, human and JSON output.
+//! **Owns:** argument parsing, the exit-code policy, human and JSON output. It talks to an
+//! agent only through `kgpatch-protocol`'s client and links no agent runtime.
 //! **Must not touch:** the target process other than through the agent's socket.
 //!
-//! Exit codes: 0 success (with `--no-wait`: the transition began); 1 the agent refused or the
-//! operation failed (the target is as it was), or a transition completed but a site's bytes
-//! could not be written back (each problem is printed); 2 bad usage; 3 the process or its agent cannot
-//! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
-//! it pending at its deadline, or `force` could not move every thread).
+//! # Exit codes
+//! | code | meaning |
+//! |-----:|---------|
+//! | 0  | success (with `--no-wait`: the transition began) |
+//! | 1  | the operation failed (the agent's `internal` class, a local failure), or a transition completed but a site's bytes could not be written back (each problem is printed) |
+//! | 2  | bad usage |
+//! | 3  | the process or its agent cannot be reached |
+//! | 4  | the transition did not complete (reversed, `--keep-pending` left it pending at its deadline, or `force` could not move every thread) |
+//! | 5  | `busy`: another transition is in progress |
+//! | 6  | `bad_module`: the patch module is unusable (format, target, symbols, checksums) |
+//! | 7  | `unpatchable`: a function cannot be patched |
+//! | 8  | `vetoed`: the module's pre-apply or pre-revert callback said no |
+//! | 9  | `no_such_patch`: no such patch, or not on top of the stack |
+//! | 10 | `no_transition`: no transition is in progress |
+//! | 11 | `bad_request`: the agent refused the request itself (protocol version, or a user that may not control it) |
+//!
+//! Codes 5-11 are the agent's refusals, one per error class; the target is as it was. With
+//! `--json`, a failed command prints `{"error": {"kind", "message", "exit_code"}}` on stdout
+//! (`kgpatch_protocol::CommandError`), `kind` being the class name, `unreachable` or
+//! `failed`.
 
 mod client;
 mod render;
@@ -19,12 +35,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kgpatch_agent::protocol::{OnTimeout, OutcomeKind, Request, Response, Status};
+use kgpatch_protocol::{
+    AgentProcess, Client, CommandError, OnTimeout, OutcomeKind, Request, Response, Status, Timeouts,
+};
 
-use client::{request, Exit};
-
-const EXIT_FAILED: u8 = 1;
-const EXIT_INCOMPLETE: u8 = 4;
+use client::{exit, refused, request, status_of, Exit};
 
 /// Live patching for running Linux x86-64 processes, one thread at a time.
 #[derive(Parser, Debug)]
@@ -114,9 +129,13 @@ enum Command {
         /// The patch's name (see `kgpatch status`, "reverted modules still mapped").
         patch: String,
     },
-    /// List processes that run a kgpatch agent (and remove stale sockets of processes that
-    /// are gone).
-    Ps,
+    /// List processes that run a kgpatch agent, and how it came in (and remove stale
+    /// sockets of processes that are gone).
+    Ps {
+        /// JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print what a patch module needs to name a function of a target: its size and
     /// checksum, as the KGPATCH_REPLACE macros (C) and `replace!` (Rust) take them.
     Describe {
@@ -139,6 +158,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+impl Command {
+    /// `--json` was given: errors are printed as JSON on stdout too.
+    fn json(&self) -> bool {
+        match self {
+            Command::Apply { how, .. } | Command::Revert { how, .. } => how.json,
+            Command::Status { json, .. }
+            | Command::List { json, .. }
+            | Command::Ps { json }
+            | Command::Describe { json, .. }
+            | Command::Inspect { json, .. } => *json,
+            Command::Force { .. } | Command::Unload { .. } => false,
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -165,33 +199,38 @@ fn default_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
+/// This process's effective uid.
+#[allow(unsafe_code)]
+fn euid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 fn main() -> ExitCode {
     default_sigpipe();
     let cli = Cli::parse();
-    match run(cli) {
+    let json = cli.command.json();
+    match run(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let code = e.downcast_ref::<Exit>().map_or(EXIT_FAILED, |x| x.code);
+            let (code, kind) = e
+                .downcast_ref::<Exit>()
+                .map_or((exit::FAILED, "failed"), |x| (x.code, x.kind));
             eprintln!("kgpatch: {e:#}");
+            if json {
+                let error = CommandError {
+                    kind: kind.into(),
+                    message: format!("{e:#}"),
+                    exit_code: code,
+                };
+                if let Ok(text) =
+                    serde_json::to_string_pretty(&serde_json::json!({ "error": error }))
+                {
+                    println!("{text}");
+                }
+            }
             ExitCode::from(code)
         }
-    }
-}
-
-fn refused(kind: impl std::fmt::Debug, message: String) -> anyhow::Error {
-    let _ = kind;
-    Exit {
-        code: EXIT_FAILED,
-        message,
-    }
-    .into()
-}
-
-fn status_of(pid: u32) -> Result<Status> {
-    match request(pid, &Request::Status)? {
-        Response::Status(s) => Ok(*s),
-        Response::Error { kind, message } => Err(refused(kind, message)),
-        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
 }
 
@@ -200,134 +239,152 @@ fn print_json(s: &Status) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<u8> {
-    match cli.command {
-        Command::Apply { pid, module, how } => {
-            let module = std::fs::canonicalize(&module)
-                .with_context(|| format!("cannot read the patch module {}", module.display()))?;
-            let req = Request::Apply {
-                module,
-                timeout_ms: Some(how.timeout.as_millis() as u64),
-                on_timeout: on_timeout(how.keep_pending),
-                stop_the_world: how.stop_the_world,
-            };
-            transition(pid, req, how.no_wait, how.json)
-        }
-        Command::Revert { pid, patch, how } => {
-            let req = Request::Revert {
-                patch,
-                timeout_ms: Some(how.timeout.as_millis() as u64),
-                on_timeout: on_timeout(how.keep_pending),
-                stop_the_world: how.stop_the_world,
-            };
-            transition(pid, req, how.no_wait, how.json)
-        }
-        Command::Status { pid, watch, json } => {
-            if watch {
-                return watch_until_done(pid, None, json);
-            }
-            let s = status_of(pid)?;
-            if json {
-                print_json(&s)?;
-            } else {
-                print!("{}", render::status(&s));
-            }
-            Ok(0)
-        }
-        Command::List { pid, json } => {
-            let s = status_of(pid)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s.patches)?);
-            } else {
-                print!("{}", render::patches(&s));
-            }
-            Ok(0)
-        }
-        Command::Force { pid } => match request(pid, &Request::Force)? {
-            Response::Forced {
-                t,
-                completed,
-                moved,
-                unmoved,
-            } => {
-                eprint!("{}", render::forced(t, completed, moved, &unmoved));
-                Ok(if completed || unmoved.is_empty() {
-                    0
-                } else {
-                    EXIT_INCOMPLETE
-                })
-            }
-            Response::Error { kind, message } => Err(refused(kind, message)),
-            other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-        },
-        Command::Unload { pid, patch } => match request(pid, &Request::Unload { patch })? {
-            Response::Unloaded {
-                patch,
-                module,
-                mapped_bytes,
-            } => {
-                eprintln!("kgpatch: WARNING: module of patch {patch} ({}, {mapped_bytes} bytes) unmapped: any pointer the program still holds into it now crashes the process", module.display());
-                Ok(0)
-            }
-            Response::Error { kind, message } => Err(refused(kind, message)),
-            other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-        },
-        Command::Ps => {
-            ps();
-            Ok(0)
-        }
+fn unexpected(other: &Response) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the agent: {other:?}")
+}
+
+fn run(command: Command) -> Result<u8> {
+    match command {
+        Command::Apply { pid, module, how } => apply(pid, &module, &how),
+        Command::Revert { pid, patch, how } => revert(pid, patch, &how),
+        Command::Status { pid, watch, json } => status(pid, watch, json),
+        Command::List { pid, json } => list(pid, json),
+        Command::Force { pid } => force(pid),
+        Command::Unload { pid, patch } => unload(pid, patch),
+        Command::Ps { json } => ps(json),
         Command::Describe {
             target,
             symbol,
             file,
             json,
+        } => describe(&target, &symbol, file.as_deref(), json),
+        Command::Inspect { module, json } => inspect(&module, json),
+    }
+}
+
+fn apply(pid: u32, module: &std::path::Path, how: &TransitionArgs) -> Result<u8> {
+    let module = std::fs::canonicalize(module)
+        .with_context(|| format!("cannot read the patch module {}", module.display()))?;
+    let req = Request::Apply {
+        module,
+        timeout_ms: Some(how.timeout.as_millis() as u64),
+        on_timeout: on_timeout(how.keep_pending),
+        stop_the_world: how.stop_the_world,
+    };
+    transition(pid, req, how.no_wait, how.json)
+}
+
+fn revert(pid: u32, patch: String, how: &TransitionArgs) -> Result<u8> {
+    let req = Request::Revert {
+        patch,
+        timeout_ms: Some(how.timeout.as_millis() as u64),
+        on_timeout: on_timeout(how.keep_pending),
+        stop_the_world: how.stop_the_world,
+    };
+    transition(pid, req, how.no_wait, how.json)
+}
+
+fn status(pid: u32, watch: bool, json: bool) -> Result<u8> {
+    if watch {
+        return watch_until_done(pid, None, json);
+    }
+    let s = status_of(pid)?;
+    if json {
+        print_json(&s)?;
+    } else {
+        print!("{}", render::status(&s));
+    }
+    Ok(exit::OK)
+}
+
+fn list(pid: u32, json: bool) -> Result<u8> {
+    let s = status_of(pid)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s.patches)?);
+    } else {
+        print!("{}", render::patches(&s));
+    }
+    Ok(exit::OK)
+}
+
+fn force(pid: u32) -> Result<u8> {
+    match request(pid, &Request::Force)? {
+        Response::Forced {
+            t,
+            completed,
+            moved,
+            unmoved,
         } => {
-            let found = kgpatch_kmod::describe_symbol(&target, &symbol, file.as_deref())
-                .with_context(|| format!("cannot describe `{symbol}` in {}", target.display()))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&found)?);
-                return Ok(0);
-            }
-            if found.is_empty() {
-                return Err(refused(
-                    (),
-                    format!("no symbol `{symbol}` in {}", target.display()),
-                ));
-            }
-            for d in &found {
-                let checksum = d
-                    .checksum
-                    .map_or("0 /* no file bytes */".into(), |c| format!("{c:#018x}ULL"));
-                let file = d.file.as_deref().unwrap_or("");
-                println!(
-                    "{} {}#{} at {:#x}: size {} checksum {}",
-                    d.name, file, d.index, d.address, d.size, checksum
-                );
-                if file.is_empty() {
-                    println!(
-                        "  KGPATCH_REPLACE(\"{}\", new_fn, {}, {});",
-                        d.name, d.size, checksum
-                    );
-                } else {
-                    println!(
-                        "  KGPATCH_REPLACE_LOCAL(\"{}\", \"{}\", new_fn, {}, {});",
-                        d.name, file, d.size, checksum
-                    );
-                }
-            }
-            Ok(0)
-        }
-        Command::Inspect { module, json } => {
-            let m = kgpatch_kmod::inspect(&module)
-                .with_context(|| format!("{} is not a usable patch module", module.display()))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
+            eprint!("{}", render::forced(t, completed, moved, &unmoved));
+            Ok(if completed || unmoved.is_empty() {
+                exit::OK
             } else {
-                print!("{m}");
-            }
-            Ok(0)
+                exit::INCOMPLETE
+            })
+        }
+        Response::Error { kind, message } => Err(refused(kind, message)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unload(pid: u32, patch: String) -> Result<u8> {
+    match request(pid, &Request::Unload { patch })? {
+        Response::Unloaded {
+            patch,
+            module,
+            mapped_bytes,
+        } => {
+            eprintln!("kgpatch: WARNING: module of patch {patch} ({}, {mapped_bytes} bytes) unmapped: any pointer the program still holds into it now crashes the process", module.display());
+            Ok(exit::OK)
+        }
+        Response::Error { kind, message } => Err(refused(kind, message)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn describe(target: &std::path::Path, symbol: &str, file: Option<&str>, json: bool) -> Result<u8> {
+    let found = kgpatch_kmod::describe_symbol(target, symbol, file)
+        .with_context(|| format!("cannot describe `{symbol}` in {}", target.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(exit::OK);
+    }
+    if found.is_empty() {
+        anyhow::bail!("no symbol `{symbol}` in {}", target.display());
+    }
+    for d in &found {
+        let checksum = d
+            .checksum
+            .map_or("0 /* no file bytes */".into(), |c| format!("{c:#018x}ULL"));
+        let file = d.file.as_deref().unwrap_or("");
+        println!(
+            "{} {}#{} at {:#x}: size {} checksum {}",
+            d.name, file, d.index, d.address, d.size, checksum
+        );
+        if file.is_empty() {
+            println!(
+                "  KGPATCH_REPLACE(\"{}\", new_fn, {}, {});",
+                d.name, d.size, checksum
+            );
+        } else {
+            println!(
+                "  KGPATCH_REPLACE_LOCAL(\"{}\", \"{}\", new_fn, {}, {});",
+                d.name, file, d.size, checksum
+            );
         }
     }
+    Ok(exit::OK)
+}
+
+fn inspect(module: &std::path::Path, json: bool) -> Result<u8> {
+    let m = kgpatch_kmod::inspect(module)
+        .with_context(|| format!("{} is not a usable patch module", module.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print!("{m}");
+    }
+    Ok(exit::OK)
 }
 
 fn on_timeout(keep_pending: bool) -> OnTimeout {
@@ -343,8 +400,8 @@ fn transition(pid: u32, req: Request, no_wait: bool, json: bool) -> Result<u8> {
         Response::Started { t, kind, patch } => {
             if !json {
                 let kind = match kind {
-                    kgpatch_agent::protocol::Kind::Apply => "apply",
-                    kgpatch_agent::protocol::Kind::Revert => "revert",
+                    kgpatch_protocol::Kind::Apply => "apply",
+                    kgpatch_protocol::Kind::Revert => "revert",
                 };
                 eprintln!("kgpatch: transition {t} began ({kind} {patch})");
             }
@@ -357,10 +414,10 @@ fn transition(pid: u32, req: Request, no_wait: bool, json: bool) -> Result<u8> {
             t
         }
         Response::Error { kind, message } => return Err(refused(kind, message)),
-        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+        other => return Err(unexpected(&other)),
     };
     if no_wait {
-        return Ok(0);
+        return Ok(exit::OK);
     }
     watch_until_done(pid, Some(t), json)
 }
@@ -386,7 +443,7 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
                         print!("{}", render::transition(tr));
                         eprintln!("kgpatch: the deadline passed; transition {} is left pending: `kgpatch force {pid}` completes it, `kgpatch revert {pid} {}` turns it around", tr.t, tr.patch);
                     }
-                    return Ok(EXIT_INCOMPLETE);
+                    return Ok(exit::INCOMPLETE);
                 }
                 if tty {
                     eprint!("\r\x1b[2K{}", render::progress_line(tr));
@@ -406,7 +463,7 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
                     if !json {
                         print!("{}", render::status(&s));
                     }
-                    return Ok(0);
+                    return Ok(exit::OK);
                 };
                 return match s.last.filter(|o| o.t == w) {
                     Some(o) => {
@@ -418,12 +475,12 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
                         }
                         Ok(match o.result {
                             // Every thread moved, but something could not be written back.
-                            _ if !o.problems.is_empty() => EXIT_FAILED,
-                            OutcomeKind::Completed => 0,
-                            OutcomeKind::Reversed => EXIT_INCOMPLETE,
+                            _ if !o.problems.is_empty() => exit::FAILED,
+                            OutcomeKind::Completed => exit::OK,
+                            OutcomeKind::Reversed => exit::INCOMPLETE,
                         })
                     }
-                    None => Ok(EXIT_INCOMPLETE),
+                    None => Ok(exit::INCOMPLETE),
                 };
             }
         }
@@ -431,19 +488,9 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
     }
 }
 
-/// Processes with an agent socket in the runtime directories this user can see. Stale
-/// sockets in this user's own runtime directory (left by processes that are gone) are
-/// removed first, and said so on stderr.
-fn ps() {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    for stale in kgpatch_agent::prune_stale_sockets(&kgpatch_agent::runtime_dir(me), None) {
-        eprintln!(
-            "kgpatch: removed {}: no agent serves it any more",
-            stale.display()
-        );
-    }
-    let mut dirs = vec![kgpatch_agent::runtime_dir(me)];
+/// The runtime directories this user can see: its own, and every `/tmp/kgpatch-*` for root.
+fn runtime_dirs(me: u32) -> Vec<PathBuf> {
+    let mut dirs = vec![kgpatch_protocol::runtime_dir(me)];
     if me == 0 {
         if let Ok(rd) = std::fs::read_dir("/tmp") {
             dirs.extend(
@@ -455,25 +502,77 @@ fn ps() {
     }
     dirs.sort();
     dirs.dedup();
-    println!("{:>8}  {:<20} socket", "pid", "command");
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    dirs
+}
+
+/// The processes with a socket in `dir`, each asked how its agent came in.
+fn processes_in(dir: &std::path::Path) -> Vec<AgentProcess> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let quick = Timeouts {
+        connect: Duration::from_millis(500),
+        write: Duration::from_millis(500),
+        read: Duration::from_secs(2),
+    };
+    let mut found = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_suffix(".sock")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
-        for e in entries.filter_map(|e| e.ok()) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_suffix(".sock")
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
-                continue; // a socket left by a process that is gone
-            };
-            println!("{:>8}  {:<20} {}", pid, comm.trim(), e.path().display());
-        }
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue; // a socket left by a process that is gone
+        };
+        let agent = Client::at(e.path())
+            .with_timeouts(quick)
+            .status()
+            .ok()
+            .and_then(|s| s.agent);
+        found.push(AgentProcess {
+            pid,
+            command: comm.trim().to_owned(),
+            socket: e.path(),
+            agent,
+        });
     }
+    found.sort_by_key(|p| p.pid);
+    found
+}
+
+/// Processes with an agent socket in the runtime directories this user can see. Stale
+/// sockets in this user's own runtime directory (left by processes that are gone) are
+/// removed first, and said so on stderr.
+fn ps(json: bool) -> Result<u8> {
+    let me = euid();
+    for stale in kgpatch_protocol::prune_stale_sockets(&kgpatch_protocol::runtime_dir(me), None) {
+        eprintln!(
+            "kgpatch: removed {}: no agent serves it any more",
+            stale.display()
+        );
+    }
+    let found: Vec<AgentProcess> = runtime_dirs(me)
+        .iter()
+        .flat_map(|d| processes_in(d))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(exit::OK);
+    }
+    println!("{:>8}  {:<20} {:<34} socket", "pid", "command", "agent");
+    for p in &found {
+        println!(
+            "{:>8}  {:<20} {:<34} {}",
+            p.pid,
+            p.command,
+            render::agent(p.agent.as_ref()),
+            p.socket.display()
+        );
+    }
+    Ok(exit::OK)
 }
 
 #[cfg(test)]

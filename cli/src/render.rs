@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
-use kgpatch_agent::protocol::{
-    BlockerInfo, Kind, Outcome, OutcomeKind, Status, ThreadInfo, TransitionInfo,
+use kgpatch_protocol::{
+    AgentInfo, BlockerInfo, Kind, Origin, Outcome, OutcomeKind, Status, ThreadInfo, TransitionInfo,
 };
 
 fn kind(k: Kind) -> &'static str {
@@ -209,9 +209,49 @@ pub fn mapped(s: &Status) -> String {
     out
 }
 
+/// `ms` milliseconds after the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (proleptic Gregorian), after Howard Hinnant's `civil_from_days`.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// How the agent came in: `preloaded since 2026-12-02 01:53:36 UTC`, or `?` when the
+/// agent did not say.
+pub fn agent(info: Option<&AgentInfo>) -> String {
+    let Some(info) = info else {
+        return "?".into();
+    };
+    let how = match info.origin {
+        Origin::Preload => "preloaded",
+        Origin::Attach => "attached",
+        Origin::Linked => "linked in",
+    };
+    format!("{how} since {}", utc(info.since_unix_ms))
+}
+
 /// The whole status.
 pub fn status(s: &Status) -> String {
-    let mut out = format!("process {} (agent {})\n", s.pid, s.agent_version);
+    let came_in = s
+        .agent
+        .as_ref()
+        .map_or(String::new(), |a| format!(", {}", agent(Some(a))));
+    let mut out = format!("process {} (agent {}{came_in})\n", s.pid, s.agent_version);
     if let Some(f) = &s.agent_failure {
         let _ = writeln!(
             out,
@@ -251,6 +291,22 @@ mod tests {
         assert_eq!(bar(2, 4, 4), "[##--]");
         assert_eq!(bar(4, 4, 4), "[####]");
         assert_eq!(bar(0, 0, 4), "[####]");
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000_999), "2023-11-14 22:13:20 UTC");
+        let info = AgentInfo {
+            origin: Origin::Preload,
+            since_unix_ms: 0,
+        };
+        assert_eq!(
+            agent(Some(&info)),
+            "preloaded since 1970-01-01 00:00:00 UTC"
+        );
+        assert_eq!(agent(None), "?");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kgpatch_agent::protocol::Status;
+use kgpatch_protocol::Status;
 
 use crate::harness::*;
 use crate::parked::{parked_patch, parked_tid, wait_busy};

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::OutcomeKind;
+use kgpatch_protocol::OutcomeKind;
 
 use crate::harness::*;
 use crate::parked::{background, parked_tid, wait_busy};

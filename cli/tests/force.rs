@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::{BlockerInfo, OutcomeKind, Status};
+use kgpatch_protocol::{BlockerInfo, OutcomeKind, Status};
 
 use crate::harness::*;
 

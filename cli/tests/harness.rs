@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::Status;
+use kgpatch_protocol::Status;
 
 /// The `kgpatch` binary under test.
 pub fn kgpatch_exe() -> &'static Path {

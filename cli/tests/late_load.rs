@@ -36,7 +36,12 @@ fn an_agent_dlopened_late_patches_like_a_preloaded_one() {
         rt.join(format!("{}.sock", t.pid())).exists(),
         "no socket in the runtime directory the attach named"
     );
-    // Nothing interposed: the program's pthread_create and sigprocmask are glibc's.
+    let origin = t.status().agent.map(|a| a.origin);
+    assert_eq!(
+        origin,
+        Some(kgpatch_protocol::Origin::Attach),
+        "status: how it came in"
+    );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
     assert!(
         maps.contains("libkgpatch_agent.so"),

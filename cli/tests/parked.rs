@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kgpatch_agent::protocol::{BlockerInfo, OutcomeKind, Status};
+use kgpatch_protocol::{BlockerInfo, OutcomeKind, Status};
 
 use crate::harness::*;
 

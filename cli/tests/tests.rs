@@ -19,6 +19,7 @@ mod load;
 mod parked;
 mod short;
 mod signals_nested;
+mod sigwait;
 mod sockets;
 mod stress;
 mod syscalls;

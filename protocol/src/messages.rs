@@ -1,4 +1,4 @@
-//! The control protocol: one JSON object per line, a request from `kgpatch` and one response
+//! The messages: one JSON object per line, a request from `kgpatch` and one response
 //! from the agent, over the agent's Unix socket. Every message carries `"v"`, the protocol
 //! version; an agent answers a request of another version with an error that names both.
 //!
@@ -137,9 +137,12 @@ pub enum Response {
     },
 }
 
-/// Stable error classes.
+/// Stable error classes. New classes may be added in a later version; scripts read the
+/// name ([`ErrorKind::as_str`], the `kind` of an error answer), `kgpatch` maps each to an
+/// exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// The request is malformed or of another protocol version.
     BadRequest,
@@ -157,6 +160,40 @@ pub enum ErrorKind {
     NoTransition,
     /// The agent could not do it (OS error); the message says which call.
     Internal,
+}
+
+impl ErrorKind {
+    /// Every class, in declaration order.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::BadRequest,
+        ErrorKind::Busy,
+        ErrorKind::BadModule,
+        ErrorKind::Unpatchable,
+        ErrorKind::Vetoed,
+        ErrorKind::NoSuchPatch,
+        ErrorKind::NoTransition,
+        ErrorKind::Internal,
+    ];
+
+    /// The name on the wire (`bad_request`, `busy`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Busy => "busy",
+            ErrorKind::BadModule => "bad_module",
+            ErrorKind::Unpatchable => "unpatchable",
+            ErrorKind::Vetoed => "vetoed",
+            ErrorKind::NoSuchPatch => "no_such_patch",
+            ErrorKind::NoTransition => "no_transition",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `apply` or `revert`.
@@ -182,12 +219,16 @@ pub struct Status {
     pub transition: Option<TransitionInfo>,
     /// The most recent finished transition.
     pub last: Option<Outcome>,
+    /// How the agent came into the process, and when (absent from agents older than this
+    /// field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
     /// How long the migration handler held threads, over the agent's life.
     #[serde(default)]
-    pub handler: crate::timing::HandlerTimes,
+    pub handler: HandlerTimes,
     /// How long stop-the-world rendezvous held every thread (benchmark baseline only).
     #[serde(default)]
-    pub halted: crate::timing::HandlerTimes,
+    pub halted: HandlerTimes,
     /// Heap bytes of the unwind index (0 before the first transition).
     #[serde(default)]
     pub unwind_index_bytes: u64,
@@ -203,6 +244,85 @@ pub struct Status {
     /// refuses every further transition; the process runs on as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_failure: Option<String>,
+}
+
+/// How the agent came into the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `LD_PRELOAD=libkgpatch_agent.so`: it started itself when the process loaded it.
+    Preload,
+    /// `kgpatch attach`: loaded into the running process from outside.
+    Attach,
+    /// Linked in as a crate: the program called `kgpatch_agent::start()`.
+    Linked,
+}
+
+impl Origin {
+    /// The name used on the wire and in `kgpatch status` (`preload`, `attach`, `linked`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Preload => "preload",
+            Origin::Attach => "attach",
+            Origin::Linked => "linked",
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How and when the agent came into the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// How it came in.
+    pub origin: Origin,
+    /// When it started, in milliseconds since the Unix epoch (wall clock).
+    pub since_unix_ms: u64,
+}
+
+/// What `kgpatch` prints on stdout, as `{"error": {...}}`, when a command run with `--json`
+/// fails (the sentence goes to stderr too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandError {
+    /// The class: an [`ErrorKind`] name when the agent refused, `unreachable` when the
+    /// process or its agent could not be reached, `failed` for anything else.
+    pub kind: String,
+    /// The sentence for a human.
+    pub message: String,
+    /// The exit code the command ends with.
+    pub exit_code: u8,
+}
+
+/// One process of `kgpatch ps --json`: a process with an agent socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command name (`/proc/<pid>/comm`).
+    pub command: String,
+    /// Its agent's socket.
+    pub socket: PathBuf,
+    /// How its agent came in; `None` if the agent did not answer within `ps`'s short
+    /// timeouts, or is older than the field.
+    pub agent: Option<AgentInfo>,
+}
+
+/// Percentiles of durations the agent recorded (migration handler runs, stop-the-world
+/// holds) over its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerTimes {
+    /// Runs recorded.
+    pub count: u64,
+    /// Median, in nanoseconds (bucket upper bound, 100 ns resolution).
+    pub p50_ns: u64,
+    /// 99th percentile, in nanoseconds.
+    pub p99_ns: u64,
+    /// Longest, in nanoseconds.
+    pub max_ns: u64,
 }
 
 /// A patch module that is no longer applied and stays mapped.
@@ -434,6 +554,29 @@ mod tests {
             panic!("not a status");
         };
         assert!(s.retired.is_empty() && s.pinned.is_empty());
+        assert_eq!(s.agent, None, "an older agent does not say how it came in");
+    }
+
+    #[test]
+    fn error_kind_names_are_their_wire_names() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(
+                serde_json::to_string(&kind).unwrap(),
+                format!("\"{}\"", kind.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn agent_info_round_trips() {
+        let line = "{\"v\":1,\"result\":\"status\",\"pid\":1,\"agent_version\":\"0\",\"patches\":[],\"transition\":null,\"last\":null,\"agent\":{\"origin\":\"preload\",\"since_unix_ms\":1700000000000}}";
+        let Response::Status(s) = decode::<Response>(line).unwrap() else {
+            panic!("not a status");
+        };
+        let info = s.agent.expect("the agent field decodes");
+        assert_eq!(info.origin, Origin::Preload);
+        assert_eq!(info.since_unix_ms, 1_700_000_000_000);
+        assert!(encode(Response::Status(s)).contains("\"origin\":\"preload\""));
     }
 
     #[test]
