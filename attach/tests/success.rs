@@ -354,3 +354,41 @@ fn repeated_attaches_into_a_busy_target() {
     );
     t.quit();
 }
+
+/// The injection raises no signal: a program that ignores SIGTRAP keeps ignoring it (a
+/// forced SIGTRAP — int3, single-step — that is ignored or blocked resets it to default),
+/// and no disposition or mask changes.
+#[test]
+fn dispositions_unchanged_even_for_an_ignored_sigtrap() {
+    let fx = fixtures();
+    let rt = runtime("igntrap");
+    let mut t = Target::start(&fx.target, "nanosleep", 3, &["igntrap"]);
+    let sig = |pid: i32| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                ["SigIgn", "SigCgt", "SigBlk", "ShdPnd", "SigPnd"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let before = sig(t.pid);
+    let trap_ignored = |s: &str| {
+        s.split_whitespace()
+            .skip_while(|w| *w != "SigIgn:")
+            .nth(1)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
+    };
+    assert!(trap_ignored(&before), "{before}");
+    let r = attach(t.pid, &opts(&rt)).unwrap();
+    assert!(!r.already);
+    assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));
+    let after = sig(t.pid);
+    assert_eq!(after, before);
+    assert_eq!(t.stats().eintr, 0);
+    t.quit();
+}
