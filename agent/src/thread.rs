@@ -25,8 +25,8 @@ const SYNCHRONOUS: [libc::c_int; 6] = [
     libc::SIGSYS,
 ];
 
-/// Runs `spawn` (which creates the agent thread) with every asynchronous signal blocked in
-/// the calling thread, so the new thread starts with that mask; the caller's mask is
+/// Runs `spawn` (which creates the agent thread) with exactly the asynchronous signals
+/// blocked in the calling thread, so the new thread starts with that mask; the caller's mask is
 /// restored afterwards (signals that arrived meanwhile are then delivered to it as usual).
 pub(crate) fn with_async_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
     // SAFETY: zeroed sigsets are valid out-parameters; sigfillset/sigdelset initialise and
@@ -40,8 +40,10 @@ pub(crate) fn with_async_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
         // SAFETY: as above.
         unsafe { libc::sigdelset(&mut block, sig) };
     }
-    // SAFETY: valid sets; SIG_BLOCK only adds to this thread's mask, `old` receives it.
-    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old) } == 0;
+    // SAFETY: valid sets; `old` receives this thread's mask. SIG_SETMASK (not SIG_BLOCK):
+    // the thread that creates ours may block synchronous signals too (attach's bootstrap
+    // thread blocks everything), and the agent thread must not inherit that.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &block, &mut old) } == 0;
     let result = spawn();
     if blocked {
         // SAFETY: restores the mask this thread had, read above.

@@ -15,6 +15,7 @@
 //! Usage: `cargo run --release -p kgpatch-bench -- [--quick] [--json PATH]`.
 
 mod agent;
+mod attach;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -361,6 +362,9 @@ fn main() {
     }
     if wanted("idle") {
         report["idle"] = idle(&built);
+    }
+    if wanted("attach") {
+        report["attach"] = attach::run(opts.quick, opts.threads.as_deref());
     }
     if let Some(dir) = opts.json.parent() {
         let _ = std::fs::create_dir_all(dir);

@@ -14,6 +14,7 @@
 //! - [`signal`]: signal-set bits and the signals glibc keeps for itself.
 //! - [`proc`]: `/proc/<pid>`: tasks, maps, status, a blocked thread's syscall, comm.
 //! - [`objects`]: the loaded objects of this process (`dl_iterate_phdr`).
+//! - [`ptrace`]: seize, interrupt, registers and memory of another process (attach).
 //!
 //! # Signal safety
 //! Functions marked *async-signal-safe* in their docs make raw system calls into
@@ -26,5 +27,6 @@
 pub mod futex;
 pub mod objects;
 pub mod proc;
+pub mod ptrace;
 pub mod signal;
 pub mod thread;
