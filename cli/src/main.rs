@@ -25,6 +25,7 @@
 //! (`kgpatch_protocol::CommandError`), `kind` being the class name, `unreachable` or
 //! `failed`.
 
+mod attach;
 mod client;
 mod render;
 
@@ -78,8 +79,24 @@ enum Command {
         pid: u32,
         /// The patch module (.so).
         module: PathBuf,
+        /// If the process runs no agent, attach one first (as `kgpatch attach` does).
+        #[arg(long)]
+        attach: bool,
         #[command(flatten)]
         how: TransitionArgs,
+    },
+    /// Load the agent into a running process that was started without it. One thread is
+    /// paused for about a millisecond; every other thread runs on. A no-op (that says so)
+    /// when the process already runs the agent.
+    Attach {
+        /// The process.
+        pid: u32,
+        /// Bound on every wait of the injection.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Revert a patch (the most recent one first), the same way it went in.
     Revert {
@@ -168,6 +185,7 @@ impl Command {
             Command::Status { json, .. }
             | Command::List { json, .. }
             | Command::Ps { json }
+            | Command::Attach { json, .. }
             | Command::Describe { json, .. }
             | Command::Inspect { json, .. } => *json,
             Command::Force { .. } | Command::Unload { .. } => false,
@@ -245,7 +263,18 @@ fn unexpected(other: &Response) -> anyhow::Error {
 
 fn run(command: Command) -> Result<u8> {
     match command {
-        Command::Apply { pid, module, how } => apply(pid, &module, &how),
+        Command::Apply {
+            pid,
+            module,
+            attach: attach_first,
+            how,
+        } => {
+            if attach_first {
+                attach::ensure_agent(pid, Duration::from_secs(10))?;
+            }
+            apply(pid, &module, &how)
+        }
+        Command::Attach { pid, timeout, json } => attach::attach(pid, timeout, json),
         Command::Revert { pid, patch, how } => revert(pid, patch, &how),
         Command::Status { pid, watch, json } => status(pid, watch, json),
         Command::List { pid, json } => list(pid, json),

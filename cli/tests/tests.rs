@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod attach;
 mod bad_input;
 mod cxx;
 mod failclosed;

@@ -41,7 +41,7 @@ pub enum ClientError {
         pid: u32,
     },
     /// Nobody serves the socket (absent, or nobody listens).
-    #[error("{} runs no kgpatch agent (no socket at {}); start it with LD_PRELOAD=libkgpatch_agent.so or by calling kgpatch_agent::start()", who(*.pid), .socket.display())]
+    #[error("{} runs no kgpatch agent (no socket at {}); load one with `kgpatch attach {}` (or `kgpatch apply --attach`), or start the program with LD_PRELOAD=libkgpatch_agent.so", who(*.pid), .socket.display(), .pid.map_or_else(|| "<pid>".to_owned(), |p| p.to_string()))]
     NoAgent {
         /// The process, when the client was made from a pid.
         pid: Option<u32>,
