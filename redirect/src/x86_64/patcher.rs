@@ -1,5 +1,13 @@
 //! The patcher: installs patch sites, switches their fast path, removes them, and reclaims
 //! their memory.
+//!
+//! # Safety
+//! The unsafe here is plain stores into the site-word data of slots handed out by
+//! [`memory`](super::memory): those pages are read+write, mapped for the life of the
+//! process, and the slots are aligned and sized for the words; fresh site words are written
+//! before any stub that reads them is reachable, and words other threads read are reached
+//! only as atomics.
+#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -260,8 +268,8 @@ impl Patcher {
         let inner = self.lock();
         Stats {
             moved: self.moved.load(Ordering::Relaxed),
-            traps_sent_on: trap::TRAP_COUNTS[0].load(Ordering::Relaxed),
-            traps_reexecuted: trap::TRAP_COUNTS[1].load(Ordering::Relaxed),
+            traps_sent_on: trap::TRAP_COUNTS.sent_on.load(Ordering::Relaxed),
+            traps_reexecuted: trap::TRAP_COUNTS.reexecuted.load(Ordering::Relaxed),
             installed: inner.installed,
             reclaimed: inner.reclaimed,
         }
@@ -834,14 +842,17 @@ impl Drop for Patcher {
 
 /// Writes fresh site words into a slot no thread reads yet, and returns them.
 fn init_site(slot: &Slot, original: Version) -> &'static Site {
+    const _: () = assert!(memory::THUNK_TARGET + 8 <= memory::DATA_SLOT);
+    const _: () = assert!(std::mem::size_of::<Site>() as u64 <= memory::THUNK_TARGET);
     let ptr = slot.data_rw as *mut Site;
     // SAFETY: the slot's data lies in the RW view, mapped for the life of the process,
     // aligned (32-byte slots in a page-aligned mapping) and large enough for a `Site` (24
     // bytes); no thread reads it yet (fresh or reclaimed slot), so the plain write races
-    // with nobody. `Site` is made of atomics, so shared references to it are sound forever.
+    // with nobody; the thunk's target word (`THUNK_TARGET`, 24) follows it in the same
+    // 32-byte slot. `Site` is made of atomics, so shared references to it are sound forever.
     unsafe {
         ptr.write(Site::new_steady(original));
-        (*(slot.data_rw as *mut u64).add(3)) = 0;
+        ((slot.data_rw + memory::THUNK_TARGET) as *mut u64).write(0);
         &*ptr
     }
 }

@@ -5,6 +5,13 @@
 //! Nothing in a stub calls or pushes, so "CFA = rsp+8, return address at CFA-8" holds at
 //! every one of its instructions. A trampoline replays the overwritten prologue, which may
 //! push registers or move rsp: its rules follow the relocated instructions one by one.
+//!
+//! # Safety
+//! `__register_frame` keeps a pointer to the image it is given and reads it whenever
+//! something unwinds: [`Registered`] owns the image in a `Box` that never moves or changes,
+//! and deregisters it before freeing it. The image is built by [`build`] alone, so it is
+//! always a complete, zero-terminated `.eh_frame`.
+#![allow(unsafe_code)]
 
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
