@@ -2,7 +2,12 @@
 //! one response line per connection, the peer checked with `SO_PEERCRED` (same uid or root).
 //! The agent thread serves it and drives transitions in between; when nothing is pending it
 //! sleeps in `poll(2)` until a client connects.
-
+//!
+//! # Safety
+//! The unsafe is plain libc calls on values this module owns: a zeroed `sockaddr_un` filled
+//! within its bounds, a socket descriptor opened and closed here, `geteuid`, `getsockopt`
+//! into a `ucred` of the right size, and `poll` on one `pollfd` on the stack. No pointer
+//! outlives the call it is passed to.
 #![allow(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};

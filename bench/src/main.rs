@@ -14,6 +14,8 @@
 //!
 //! Usage: `cargo run --release -p kgpatch-bench -- [--quick] [--json PATH]`.
 
+#![deny(unsafe_code)]
+
 mod agent;
 
 use std::io::{BufRead, BufReader, Write};

@@ -9,6 +9,8 @@
 //! be reached; 4 the transition did not complete (it was reversed, or `--keep-pending` left
 //! it pending at its deadline, or `force` could not move every thread).
 
+#![deny(unsafe_code)]
+
 mod client;
 mod render;
 
@@ -434,6 +436,7 @@ fn watch_until_done(pid: u32, t: Option<u64>, json: bool) -> Result<u8> {
 /// Processes with an agent socket in the runtime directories this user can see. Stale
 /// sockets in this user's own runtime directory (left by processes that are gone) are
 /// removed first, and said so on stderr.
+#[allow(unsafe_code)]
 fn ps() {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
