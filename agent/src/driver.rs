@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::registry;
 use crate::stacks::StackMap;
+#[cfg(feature = "bench-baseline")]
 use crate::stw;
 
 /// Default deadline of a transition.
@@ -108,6 +109,7 @@ struct Pending {
     /// The last OS error that kept the driver from checking every thread, for status.
     os_error: Option<String>,
     /// Move every thread at once in a rendezvous (the benchmark's baseline).
+    #[cfg_attr(not(feature = "bench-baseline"), allow(dead_code))]
     stop_the_world: bool,
 }
 
@@ -824,6 +826,8 @@ impl Driver {
             leaving_to: &p.leaving_to,
             stacks: &stacks,
         };
+        // Without the feature the server refuses such a request, so this is never set.
+        #[cfg(feature = "bench-baseline")]
         if p.stop_the_world {
             let goal = self.universe.transition().map_or(Side::To, |tr| tr.goal);
             let r = stw::rendezvous(&self.migration, &ctx, goal, SWEEP_WAIT * 10);

@@ -32,6 +32,7 @@ pub mod protocol;
 mod registry;
 mod server;
 mod stacks;
+#[cfg(feature = "bench-baseline")]
 mod stw;
 mod timing;
 
