@@ -847,7 +847,7 @@ fn register_generated(
             len: tramp.code.len() as u64,
             steps: unwind::trampoline_steps(&a.instructions, &offsets),
         },
-    ]);
+    ])?;
     // On an error `unwind` is dropped here, which deregisters it.
     trap::register(a.patch_point, stub_addr)?;
     if let Some(j) = a.pad_jump {
