@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::registry;
 use crate::stacks::StackMap;
+#[cfg(feature = "bench-baseline")]
 use crate::stw;
 
 /// Default deadline of a transition.
@@ -36,8 +37,8 @@ const SWEEP_WAIT: Duration = Duration::from_millis(20);
 struct Module {
     loaded: Loaded,
     path: PathBuf,
-    /// Per replaced function: name, old entry, new entry, the new function's code range.
-    functions: Vec<(String, u64, u64, (u64, u64))>,
+    /// The functions it replaces.
+    functions: Vec<ReplacedFunction>,
     /// The target library, pinned for as long as the module is mapped when the module's
     /// code refers to it (reference slots): a retired module's code may still be called.
     target_pin: Option<Pin>,
@@ -75,10 +76,10 @@ impl Module {
             functions: self
                 .functions
                 .iter()
-                .map(|(name, old, new, _)| FunctionInfo {
-                    name: name.clone(),
-                    old: *old,
-                    new: *new,
+                .map(|f| FunctionInfo {
+                    name: f.name.clone(),
+                    old: f.old,
+                    new: f.new,
                 })
                 .collect(),
             mapped_bytes: self.loaded.mapped_bytes(),
@@ -108,6 +109,7 @@ struct Pending {
     /// The last OS error that kept the driver from checking every thread, for status.
     os_error: Option<String>,
     /// Move every thread at once in a rendezvous (the benchmark's baseline).
+    #[cfg_attr(not(feature = "bench-baseline"), allow(dead_code))]
     stop_the_world: bool,
 }
 
@@ -306,13 +308,13 @@ impl Driver {
         let mut functions = Vec::new();
         for f in &resolved.functions {
             let size = f.new_size;
-            functions.push((
-                f.old.name.clone(),
-                f.old_address,
-                f.new_address,
-                (f.new_address, f.new_address + size.max(1)),
-                f.old_size,
-            ));
+            functions.push(ReplacedFunction {
+                name: f.old.name.clone(),
+                old: f.old_address,
+                new: f.new_address,
+                new_range: (f.new_address, f.new_address + size.max(1)),
+                old_size: f.old_size,
+            });
         }
         // Analyse every function that needs a site before installing any.
         let spec = PatchSpec {
@@ -320,28 +322,28 @@ impl Driver {
             functions: functions
                 .iter()
                 .map(|f| FunctionPatch {
-                    site: f.1,
-                    new: Version(f.2),
+                    site: f.old,
+                    new: Version(f.new),
                 })
                 .collect(),
         };
         let needed = self.universe.sites_needed(&spec);
         let mut analyses = Vec::new();
-        for f in functions.iter().filter(|f| needed.contains(&f.1)) {
+        for f in functions.iter().filter(|f| needed.contains(&f.old)) {
             // With the padding after it: a function shorter than the site may use it.
             let room = resolved
                 .functions
                 .iter()
-                .find(|r| r.old_address == f.1)
-                .map_or(f.4, |r| r.old_room);
+                .find(|r| r.old_address == f.old)
+                .map_or(f.old_size, |r| r.old_room);
             let a = self
                 .patcher
-                .analyze(f.1, room, PadHint::Auto)
+                .analyze(f.old, room, PadHint::Auto)
                 .map_err(|source| AgentError::Unpatchable {
-                    function: f.0.clone(),
+                    function: f.name.clone(),
                     source,
                 })?;
-            analyses.push((a, f.4));
+            analyses.push((a, f.old_size));
         }
         Ok(ApplyPlan {
             spec,
@@ -361,11 +363,7 @@ impl Driver {
         let mut module = Module {
             loaded,
             path: path.to_owned(),
-            functions: plan
-                .functions
-                .iter()
-                .map(|f| (f.0.clone(), f.1, f.2, f.3))
-                .collect(),
+            functions: plan.functions.clone(),
             target_pin,
             stamp,
         };
@@ -400,7 +398,7 @@ impl Driver {
             .is_some_and(|r| !r.slots.is_empty());
         if refers && module.target_pin.is_none() {
             if let Some(f) = plan.functions.first() {
-                match Pin::object_at(f.1) {
+                match Pin::object_at(f.old) {
                     Ok(pin) => module.target_pin = pin,
                     Err(e) => return undo(self, &[], module, e.into()),
                 }
@@ -436,8 +434,8 @@ impl Driver {
                     let name = plan
                         .functions
                         .iter()
-                        .find(|f| f.1 == a.entry())
-                        .map_or_else(String::new, |f| f.0.clone());
+                        .find(|f| f.old == a.entry())
+                        .map_or_else(String::new, |f| f.name.clone());
                     let e = AgentError::Unpatchable {
                         function: name,
                         source,
@@ -563,7 +561,12 @@ impl Driver {
         if v == site.original() {
             return self.bodies.iter().find(|b| b.0 == entry).copied();
         }
-        let in_module = |m: &Module| m.functions.iter().find(|f| f.2 == v.0).map(|f| f.3);
+        let in_module = |m: &Module| {
+            m.functions
+                .iter()
+                .find(|f| f.new == v.0)
+                .map(|f| f.new_range)
+        };
         self.modules
             .iter()
             .find_map(in_module)
@@ -823,6 +826,8 @@ impl Driver {
             leaving_to: &p.leaving_to,
             stacks: &stacks,
         };
+        // Without the feature the server refuses such a request, so this is never set.
+        #[cfg(feature = "bench-baseline")]
         if p.stop_the_world {
             let goal = self.universe.transition().map_or(Side::To, |tr| tr.goal);
             let r = stw::rendezvous(&self.migration, &ctx, goal, SWEEP_WAIT * 10);
@@ -1231,8 +1236,8 @@ fn function_name<'a>(modules: impl IntoIterator<Item = &'a Module>, entry: u64) 
     modules
         .into_iter()
         .flat_map(|m| m.functions.iter())
-        .find(|f| f.1 == entry)
-        .map_or_else(|| format!("{entry:#x}"), |f| f.0.clone())
+        .find(|f| f.old == entry)
+        .map_or_else(|| format!("{entry:#x}"), |f| f.name.clone())
 }
 
 /// Opens a patch module in this process.
@@ -1265,13 +1270,25 @@ fn release_pin(pin: Pin) {
     }
 }
 
-/// A replaced function: name, old entry, new entry, new code range, old size.
-type PlannedFunction = (String, u64, u64, (u64, u64), u64);
+/// A function a patch module replaces, as resolved in this process.
+#[derive(Debug, Clone)]
+struct ReplacedFunction {
+    /// The old function's name, as the manifest gives it.
+    name: String,
+    /// The old function's entry: the patch site.
+    old: u64,
+    /// The new function's entry.
+    new: u64,
+    /// The new function's code, `[start, end)` (at least one byte).
+    new_range: (u64, u64),
+    /// The old function's size, from its symbol.
+    old_size: u64,
+}
 
 struct ApplyPlan {
     spec: PatchSpec,
     analyses: Vec<(kgpatch_redirect::SiteAnalysis, u64)>,
-    functions: Vec<PlannedFunction>,
+    functions: Vec<ReplacedFunction>,
 }
 
 fn describe_blocker(b: Blocker, names: &[String]) -> BlockerInfo {

@@ -38,6 +38,10 @@ pub enum AgentError {
         /// The error.
         source: std::io::Error,
     },
+    /// The agent could not start in this process: the first attempt's error, which every
+    /// later call of [`start`](crate::start) returns too.
+    #[error(transparent)]
+    Start(std::sync::Arc<AgentError>),
     /// A request about module lifetime (apply over a retired module, unload) was refused.
     #[error("{message}")]
     Refused {
@@ -65,6 +69,7 @@ impl AgentError {
                 ErrorKind::Internal
             }
             AgentError::Refused { kind, .. } => *kind,
+            AgentError::Start(inner) => inner.kind(),
         }
     }
 }

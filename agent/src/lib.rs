@@ -35,6 +35,7 @@ mod migrate;
 mod registry;
 mod server;
 mod stacks;
+#[cfg(feature = "bench-baseline")]
 mod stw;
 mod thread;
 mod timing;
@@ -45,14 +46,14 @@ pub use timing::HandlerTimes;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub use driver::migration_signal;
 pub use error::AgentError;
 pub use migrate::quiescent;
 pub use protocol::{prune_stale_sockets, runtime_dir, socket_path};
 
-static STARTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static STARTED: OnceLock<Result<PathBuf, Arc<AgentError>>> = OnceLock::new();
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// How the agent came in: 0 until set, else `origin_code`'s value; and when it started.
 static ORIGIN: AtomicU8 = AtomicU8::new(0);
@@ -86,13 +87,14 @@ pub(crate) fn origin_info() -> Option<protocol::AgentInfo> {
 }
 
 /// Starts the agent in this process (once; later calls return the first result): sets up
-/// patching, binds the control socket and starts the agent thread. Returns the socket path.
-pub fn start() -> Result<PathBuf, String> {
+/// patching, binds the control socket and starts the agent thread. Returns the socket path;
+/// a failure is [`AgentError::Start`], holding the first attempt's error.
+pub fn start() -> Result<PathBuf, AgentError> {
     STARTED
         .get_or_init(|| {
             init_logging();
-            let driver = driver::Driver::new().map_err(|e| e.to_string())?;
-            let server = server::Server::bind().map_err(|e| e.to_string())?;
+            let driver = driver::Driver::new()?;
+            let server = server::Server::bind()?;
             let path = server.path().to_owned();
             let _ = ORIGIN.compare_exchange(
                 0,
@@ -114,10 +116,14 @@ pub fn start() -> Result<PathBuf, String> {
                     .name("kgpatch-agent".into())
                     .spawn(move || server.run(driver))
             })
-            .map_err(|e| format!("cannot start the agent thread: {e}"))?;
+            .map_err(|source| AgentError::Os {
+                call: "starting the agent thread",
+                source,
+            })?;
             Ok(path)
         })
         .clone()
+        .map_err(AgentError::Start)
 }
 
 /// With `KGPATCH_LOG` set (e.g. `info`, `kgpatch_agent=debug`), the agent's `tracing` spans

@@ -3,7 +3,12 @@
 //! claimed with compare-and-swaps, the unwind index, busy ranges and stack map are built by
 //! the driver before the sweep and only read here, and the universe word is copied into the
 //! thread's TLS before it returns to its own code.
-
+//!
+//! # Safety
+//! Two kinds of unsafe: access to the calling thread's own universe-word slot through
+//! [`tls::current_ptr`], which is valid while the thread runs and written by that thread
+//! only; and reading the registers from the `ucontext` the kernel passed to the signal
+//! handler running now ([`Regs::from_ucontext`]), valid for the handler's duration.
 #![allow(unsafe_code)]
 
 use kgpatch_redirect::tls;

@@ -5,7 +5,15 @@
 //!
 //! Both are inert unless this code runs from `libkgpatch_agent.so` with the agent started: a
 //! program that links the crate (the `kgpatch` CLI, tests) is not changed by them.
-
+//!
+//! # Safety
+//! The interposers are `#[no_mangle]` functions with the C signatures of the glibc
+//! functions they replace, so the dynamic linker binds the program's calls to them. Each
+//! forwards to the real function found with `dlsym(RTLD_NEXT, ...)`, transmuted to exactly
+//! that C signature, and passes the caller's pointers through unchanged, or a copy on our
+//! stack of the signal mask or `sigaction` they point to with kgpatch's signals taken out.
+//! `dladdr` and `dlsym` only read the loader's tables; the names they return live as long
+//! as the object.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void, CStr};

@@ -2,7 +2,17 @@
 //! one response line per connection, the peer checked with `SO_PEERCRED` (same uid or root).
 //! The agent thread serves it and drives transitions in between; when nothing is pending it
 //! sleeps in `poll(2)` until a client connects.
-
+//!
+//! # Safety
+//! The unsafe is plain libc calls on values this module owns: a zeroed `sockaddr_un` filled
+//! within its bounds, a socket descriptor opened and closed here, `geteuid`, `getsockopt`
+//! into a `ucred` of the right size, and `poll` on one `pollfd` on the stack. No pointer
+//! outlives the call it is passed to.
+//!
+//! # The stop-the-world baseline
+//! A request with `stop_the_world` set is served only by an agent built with the
+//! `bench-baseline` feature (the benchmark's own build); the production library refuses it
+//! with [`BASELINE_REFUSED`] and changes nothing.
 #![allow(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -225,7 +235,22 @@ fn failed(e: AgentError) -> Response {
     error(e.kind(), e.to_string())
 }
 
+/// Why an agent without the `bench-baseline` feature refuses a stop-the-world request.
+pub(crate) const BASELINE_REFUSED: &str = "this agent is built without the stop-the-world baseline (the `bench-baseline` feature of kgpatch-agent, for benchmarks only); apply or revert without --stop-the-world";
+
+/// The refusal of a transition request that asks for the stop-the-world baseline when this
+/// agent is built without it; `None` when the request may go on.
+fn baseline_refusal(stop_the_world: bool) -> Option<Response> {
+    (stop_the_world && !cfg!(feature = "bench-baseline"))
+        .then(|| error(ErrorKind::BadRequest, BASELINE_REFUSED.to_owned()))
+}
+
 fn handle(req: Request, driver: &mut Driver) -> Response {
+    if let Request::Apply { stop_the_world, .. } | Request::Revert { stop_the_world, .. } = &req {
+        if let Some(refused) = baseline_refusal(*stop_the_world) {
+            return refused;
+        }
+    }
     let opts = |ms: Option<u64>, on_timeout, stop_the_world| TransitionOptions {
         timeout: ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis),
         on_timeout,
@@ -290,4 +315,32 @@ fn wait_readable(listener: &UnixListener, timeout: Option<Duration>) -> bool {
     // SAFETY: one valid pollfd.
     let n = unsafe { libc::poll(&mut fds, 1, ms) };
     n > 0 && fds.revents & libc::POLLIN != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_request_is_never_refused_as_baseline() {
+        assert_eq!(baseline_refusal(false), None);
+    }
+
+    #[cfg(not(feature = "bench-baseline"))]
+    #[test]
+    fn without_the_feature_a_stop_the_world_request_is_refused() {
+        match baseline_refusal(true) {
+            Some(Response::Error { kind, message }) => {
+                assert_eq!(kind, ErrorKind::BadRequest);
+                assert!(message.contains("bench-baseline"), "{message}");
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "bench-baseline")]
+    #[test]
+    fn with_the_feature_a_stop_the_world_request_goes_on() {
+        assert_eq!(baseline_refusal(true), None);
+    }
 }

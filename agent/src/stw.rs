@@ -7,8 +7,6 @@
 //! A halted thread waits on a futex word with a bounded timeout, so a driver that fails to
 //! release it cannot hang the process.
 
-#![allow(unsafe_code)]
-
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 

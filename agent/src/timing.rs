@@ -2,7 +2,10 @@
 //! allocation, read by `kgpatch status` and the benchmark. [`HANDLER`]: each migration
 //! handler run (entry to return of kgpatch's action); [`HALTED`]: each stop-the-world
 //! rendezvous (first signal to release: how long every thread was held).
-
+//!
+//! # Safety
+//! The only unsafe is `clock_gettime` into a `timespec` on the caller's stack
+//! (async-signal-safe, writes nothing else).
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};

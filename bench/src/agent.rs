@@ -1,7 +1,7 @@
 //! Building what the benchmark runs, and talking to an agent over its socket.
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -14,14 +14,27 @@ pub struct Built {
 }
 
 impl Built {
-    /// Builds `libkgpatch_agent.so` in release next to this binary if it is missing or older.
+    /// Builds the benchmark's own `libkgpatch_agent.so`: release, with the `bench-baseline`
+    /// feature (the stop-the-world baseline, which the production library refuses), in its
+    /// own target directory `<target>/bench-agent`, so that the feature never reaches the
+    /// production library next to this binary (cargo unifies features within one build).
     pub fn ensure() -> Built {
         let exe = std::env::current_exe().expect("own path");
-        let dir = exe.parent().expect("a folder").to_owned();
-        let agent_so = dir.join("libkgpatch_agent.so");
+        // <target>/release/kgpatch-bench → <target>/bench-agent
+        let target = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the binary lies in <target>/<profile>/");
+        let target_dir = target.join("bench-agent");
+        let agent_so = target_dir.join("release/libkgpatch_agent.so");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/Cargo.toml");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--release", "-p", "kgpatch-agent"])
+            .args(["--features", "bench-baseline", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the agent failed");

@@ -13,6 +13,15 @@
 //! The redirect crate's per-call overhead has its own bench: `cargo bench -p kgpatch-redirect`.
 //!
 //! Usage: `cargo run --release -p kgpatch-bench -- [--quick] [--json PATH]`.
+//!
+//! The stop-the-world baseline is compiled only into an agent built with kgpatch-agent's
+//! `bench-baseline` feature; the production library refuses it. So the bench does not
+//! preload the library next to its binary: it builds its own, `cargo build --release -p
+//! kgpatch-agent --features bench-baseline --target-dir <target>/bench-agent`, and preloads
+//! `<target>/bench-agent/release/libkgpatch_agent.so` (a separate target directory, so that
+//! cargo's feature unification never turns the feature on in the production build).
+
+#![deny(unsafe_code)]
 
 mod agent;
 mod attach;

@@ -25,6 +25,8 @@
 //! (`kgpatch_protocol::CommandError`), `kind` being the class name, `unreachable` or
 //! `failed`.
 
+#![deny(unsafe_code)]
+
 mod attach;
 mod client;
 mod render;

@@ -273,6 +273,28 @@ fn bad_input_is_refused_and_target_untouched() {
         report.push_str(&format!("  {case}: {msg}\n"));
         assert_untouched(case, &mut t, &fns, &original, dir.path());
     }
+    // The stop-the-world baseline is compiled only into the bench's own agent (feature
+    // `bench-baseline`): the production library the tests preload refuses it, apply and
+    // revert alike, and changes nothing.
+    for args in [
+        vec!["apply", &pid, good_a.to_str().unwrap(), "--stop-the-world"],
+        vec!["revert", &pid, "fix-a", "--stop-the-world"],
+    ] {
+        let out = t.kg(&[&args[..], &["--timeout", "5s"][..]].concat());
+        assert_ne!(out.code, 0, "the production agent ran the baseline: {out}");
+        assert!(
+            out.stderr
+                .contains("built without the stop-the-world baseline"),
+            "{out}"
+        );
+        report.push_str(&format!(
+            "  {} --stop-the-world: {}\n",
+            args[0],
+            out.stderr.trim()
+        ));
+        assert_untouched("stop-the-world", &mut t, &fns, &original, dir.path());
+    }
+
     // The ambiguity names both candidates.
     let out = t.apply(&ambiguous, "5s");
     assert!(
@@ -387,18 +409,38 @@ fn kgpatch_as_nobody(runtime_dir: &Path, args: &[&str]) -> Out {
     run_limited(cmd, Duration::from_secs(30))
 }
 
-/// Proves a client of another uid cannot control the agent: through the 0700 runtime
-/// directory it gets "permission denied" (exit 3); with the directory and socket opened up,
-/// the agent itself refuses it (SO_PEERCRED check, exit 1); either way nothing changes.
+/// Proves a client of another uid cannot control the agent: the agent serves only from a
+/// runtime directory no other user can enter (checked as any user); through the 0700
+/// directory another uid gets "permission denied" (exit 3); with the directory and socket
+/// opened up, the agent itself refuses it (SO_PEERCRED check, exit 1); either way nothing
+/// changes. The last two need root (to run a client as `nobody`).
 #[test]
 fn other_uid_is_refused() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("other_uid_is_refused: needs root to run kgpatch as another user; skipped");
-        return;
-    }
     let dir = TempDir::new("uid");
     let exe = build_target(&dir, "target", &[]);
+    {
+        // A runtime directory others can enter: the agent binds no socket in it.
+        use std::os::unix::fs::PermissionsExt;
+        let open = dir.path().join("open-rt");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut t = Spawn::new(&exe, &open).arg("1").start();
+        t.kg(&["status", &t.pid_arg()])
+            .expect(3, "runs no kgpatch agent");
+        assert!(
+            std::fs::read_dir(&open).unwrap().next().is_none(),
+            "the agent put a socket in a directory others can enter"
+        );
+        assert!(t.alive(), "the target died of the refused directory");
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // Printed with --nocapture; the directory check above ran all the same.
+        eprintln!(
+            "other_uid_is_refused: not root, so no client can be run as another user: only the runtime-directory check ran"
+        );
+        return;
+    }
     let fix = module(&dir, &exe, "fix-a", &["-DPATCH_ANSWER"], &["answer"]);
     let fns = functions(&exe);
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("4").start();

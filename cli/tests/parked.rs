@@ -26,6 +26,15 @@ pub fn busy_blocker(s: &Status, tid: u32) -> Option<(String, u16)> {
     }
 }
 
+/// The failed migration attempts `status` counts for pending thread `tid`.
+fn attempts(s: &Status, tid: u32) -> Option<u32> {
+    let tr = s.transition.as_ref()?;
+    tr.pending
+        .iter()
+        .find(|th| th.tid == tid)
+        .map(|th| th.attempts)
+}
+
 /// Builds the patch that replaces `parked_fn` (and `answer`, `scale`) for target `exe`.
 pub fn parked_patch(dir: &TempDir, exe: &Path, name: &str) -> PathBuf {
     let fix = dir.join(&format!("{name}.so"));
@@ -111,8 +120,10 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
         "--no-wait",
     ])
     .expect_code(0);
-    std::thread::sleep(Duration::from_millis(600));
-    let s = t.status();
+    // Wait for the deadline to pass (or for the transition to end, which is the bug).
+    let s = t.status_until(Duration::from_secs(10), |s| {
+        s.transition.as_ref().is_none_or(|tr| tr.remaining_ms == 0)
+    });
     let tr = s
         .transition
         .as_ref()
@@ -145,9 +156,14 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
     let revert = background(&t, &["revert", &pid, "fix-parked", "--timeout", "30s"]);
     wait_blocked_in_parked_fn(&t, tid);
-    std::thread::sleep(Duration::from_millis(300));
+    // Let the driver check the parked thread again a few times (each a failed attempt):
+    // the revert must still wait.
+    let seen = attempts(&t.status(), tid).unwrap_or(0);
+    let s = t.status_until(Duration::from_secs(10), |s| {
+        s.transition.is_none() || attempts(s, tid).is_some_and(|a| a >= seen + 3)
+    });
     assert!(
-        t.status().transition.is_some(),
+        s.transition.is_some(),
         "the revert completed with a thread inside the new parked_fn"
     );
     t.send("unpark");

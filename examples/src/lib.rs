@@ -21,6 +21,7 @@
 //! (every request line goes through `kv_transcode`, which calls `kv_encode` then `kv_decode`
 //! and counts a violation when the round trip differs).
 
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

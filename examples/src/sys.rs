@@ -9,6 +9,7 @@
 //! Each wrapper calls one libc function with plain integer arguments; none takes or returns
 //! memory, so each is sound for any argument values (the kernel validates them).
 //! [`stop_flag_on`] installs a handler that does one atomic store (async-signal-safe).
+#![allow(unsafe_code)]
 
 use std::io;
 

@@ -158,24 +158,61 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
             size: data.len() as u64,
         });
     }
-    let mut module: Option<(String, String, String)> = None;
-    let mut target: Option<Target> = None;
-    let mut functions: Vec<FunctionEntry> = Vec::new();
-    let mut references = Vec::new();
-    let mut callbacks = Callbacks::default();
-
+    let mut parts = Parts::default();
     let mut offset = 0usize;
+    while let Some(offset_after_padding) = skip_padding(data, offset) {
+        offset = offset_after_padding;
+        let record = Record::at(data, offset)?;
+        match record.kind {
+            raw::KIND_MODULE => parts.module(&record)?,
+            raw::KIND_TARGET => parts.target(&record)?,
+            raw::KIND_REPLACE => parts.replace(&record)?,
+            raw::KIND_REF => parts.reference(&record)?,
+            raw::KIND_CALLBACK => parts.callback(&record)?,
+            _ => unreachable!("kind range checked in Record::at"),
+        }
+        offset += record.bytes.len();
+    }
+    parts.finish()
+}
+
+/// The offset of the next record at or after `offset`, past zero padding between records
+/// (in whole 8-byte words); `None` when only zero bytes (or nothing) are left.
+fn skip_padding(data: &[u8], mut offset: usize) -> Option<usize> {
     while offset < data.len() {
-        // Zero padding between records, in whole 8-byte words.
         if data.len() - offset >= 8 && data[offset..offset + 8].iter().all(|&b| b == 0) {
             offset += 8;
             continue;
         }
         if data[offset..].iter().all(|&b| b == 0) {
-            break; // trailing zero bytes shorter than a word
+            return None; // trailing zero bytes shorter than a word
         }
         // Records and padding advance in multiples of 8, so `offset` stays 8-aligned.
         debug_assert_eq!(offset % 8, 0);
+        return Some(offset);
+    }
+    None
+}
+
+/// One record whose header, size and strings are checked; its fixed part is read by kind.
+struct Record<'a> {
+    /// Where it starts in the section.
+    offset: usize,
+    /// Its kind (one of `raw::KIND_*`).
+    kind: u16,
+    /// The whole record, header included.
+    bytes: &'a [u8],
+    /// Its strings, as many as its kind has.
+    strings: Vec<&'a str>,
+    /// Header plus fixed part.
+    fixed_end: usize,
+    /// Bytes left in the section from `offset`.
+    available: usize,
+}
+
+impl<'a> Record<'a> {
+    /// Checks the record header at `offset` and splits the record's strings.
+    fn at(data: &'a [u8], offset: usize) -> Result<Record<'a>, ManifestError> {
         let available = data.len() - offset;
         let h: RecordHeader = read_at(data, offset).ok_or(ManifestError::Truncated {
             offset,
@@ -219,150 +256,181 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ManifestError> {
         if h.reserved != 0 {
             return Err(ManifestError::ReservedNotZero { offset });
         }
-        let record = &data[offset..offset + size];
-        let strings = split_strings(&record[fixed_end..], raw::STRING_COUNT[kind])
+        let bytes = &data[offset..offset + size];
+        let strings = split_strings(&bytes[fixed_end..], raw::STRING_COUNT[kind])
             .ok_or(ManifestError::BadStrings { offset })?;
-        // `size >= fixed_end` was checked above, so reading the fixed part cannot fail; the
-        // error is still a clean one rather than a panic.
-        let fixed = || ManifestError::Truncated {
+        Ok(Record {
             offset,
-            needed: fixed_end,
+            kind: h.kind,
+            bytes,
+            strings,
+            fixed_end,
             available,
-        };
-        match h.kind {
-            raw::KIND_MODULE => {
-                if module.is_some() {
-                    return Err(ManifestError::Duplicate {
-                        offset,
-                        what: "module",
-                    });
-                }
-                if strings[0].is_empty() {
-                    return Err(ManifestError::EmptyField {
-                        offset,
-                        field: "patch name",
-                    });
-                }
-                module = Some((
-                    strings[0].to_owned(),
-                    strings[1].to_owned(),
-                    strings[2].to_owned(),
-                ));
-            }
-            raw::KIND_TARGET => {
-                let t: RawTarget = read_at(record, HEADER).ok_or_else(fixed)?;
-                if t.reserved != 0 {
-                    return Err(ManifestError::ReservedNotZero { offset });
-                }
-                if target.is_some() {
-                    return Err(ManifestError::Duplicate {
-                        offset,
-                        what: "target",
-                    });
-                }
-                let kind = match (t.target_kind, strings[0].is_empty()) {
-                    (raw::TARGET_EXE, true) => TargetKind::Executable,
-                    (raw::TARGET_LIB, false) => TargetKind::Library {
-                        soname: strings[0].to_owned(),
-                    },
-                    (raw::TARGET_EXE | raw::TARGET_LIB, _) => {
-                        return Err(ManifestError::BadTargetName { offset })
-                    }
-                    (k, _) => return Err(ManifestError::BadTargetKind { offset, kind: k }),
-                };
-                let build_id = if strings[1].is_empty() {
-                    None
-                } else {
-                    Some(parse_hex(strings[1]).ok_or(ManifestError::BadBuildId { offset })?)
-                };
-                target = Some(Target { kind, build_id });
-            }
-            raw::KIND_REPLACE => {
-                let r: RawReplace = read_at(record, HEADER).ok_or_else(fixed)?;
-                if r.flags != 0 {
-                    return Err(ManifestError::ReservedNotZero { offset });
-                }
-                for (s, field) in [(strings[0], "old symbol"), (strings[2], "new symbol")] {
-                    if s.is_empty() {
-                        return Err(ManifestError::EmptyField { offset, field });
-                    }
-                }
-                let old = spec(strings[0], strings[1], r.index);
-                if functions.iter().any(|f| f.old == old) {
-                    return Err(ManifestError::DuplicateFunction { offset });
-                }
-                functions.push(FunctionEntry {
-                    old,
-                    expected_size: (r.expected_size != 0).then_some(r.expected_size),
-                    checksum: (r.checksum != 0).then_some(r.checksum),
-                    new_symbol: strings[2].to_owned(),
-                });
-            }
-            raw::KIND_REF => {
-                let r: RawRef = read_at(record, HEADER).ok_or_else(fixed)?;
-                if r.slot != 0 {
-                    return Err(ManifestError::SlotNotZero { offset });
-                }
-                let kind = match r.ref_kind {
-                    raw::REF_ANY => RefKind::Any,
-                    raw::REF_FUNC => RefKind::Function,
-                    raw::REF_OBJECT => RefKind::Variable,
-                    k => return Err(ManifestError::BadRefKind { offset, kind: k }),
-                };
-                if strings[0].is_empty() {
-                    return Err(ManifestError::EmptyField {
-                        offset,
-                        field: "referenced symbol",
-                    });
-                }
-                references.push(Reference {
-                    symbol: spec(strings[0], strings[1], r.index),
-                    kind,
-                    slot_offset: (offset + raw::REF_SLOT_OFFSET) as u64,
-                });
-            }
-            raw::KIND_CALLBACK => {
-                let c: RawCallback = read_at(record, HEADER).ok_or_else(fixed)?;
-                if c.reserved != 0 {
-                    return Err(ManifestError::ReservedNotZero { offset });
-                }
-                let slot = match c.which {
-                    raw::CALLBACK_PRE_APPLY => &mut callbacks.pre_apply,
-                    raw::CALLBACK_POST_APPLY => &mut callbacks.post_apply,
-                    raw::CALLBACK_PRE_REVERT => &mut callbacks.pre_revert,
-                    raw::CALLBACK_POST_REVERT => &mut callbacks.post_revert,
-                    w => return Err(ManifestError::BadCallback { offset, which: w }),
-                };
-                if slot.is_some() {
-                    return Err(ManifestError::Duplicate {
-                        offset,
-                        what: "callback",
-                    });
-                }
-                if strings[0].is_empty() {
-                    return Err(ManifestError::EmptyField {
-                        offset,
-                        field: "callback symbol",
-                    });
-                }
-                *slot = Some(strings[0].to_owned());
-            }
-            _ => unreachable!("kind range checked above"),
-        }
-        offset += size;
+        })
     }
-    let (name, version, description) = module.ok_or(ManifestError::MissingModule)?;
-    let target = target.ok_or(ManifestError::MissingTarget)?;
-    Ok(Manifest {
-        format_version: raw::FORMAT_VERSION,
-        name,
-        version,
-        description,
-        target,
-        functions,
-        references,
-        callbacks,
-    })
+
+    /// The record's fixed part. `size >= fixed_end` was checked in [`Record::at`], so this
+    /// cannot fail; the error is still a clean one rather than a panic.
+    fn fixed<T: crate::cast::Pod>(&self) -> Result<T, ManifestError> {
+        read_at(self.bytes, HEADER).ok_or(ManifestError::Truncated {
+            offset: self.offset,
+            needed: self.fixed_end,
+            available: self.available,
+        })
+    }
+
+    /// String `i`, which must not be empty (`field` names it in the error).
+    fn non_empty(&self, i: usize, field: &'static str) -> Result<&'a str, ManifestError> {
+        let s = self.strings[i];
+        if s.is_empty() {
+            return Err(ManifestError::EmptyField {
+                offset: self.offset,
+                field,
+            });
+        }
+        Ok(s)
+    }
+}
+
+/// What the records seen so far declare.
+#[derive(Default)]
+struct Parts {
+    /// Name, version, description.
+    module: Option<(String, String, String)>,
+    target: Option<Target>,
+    functions: Vec<FunctionEntry>,
+    references: Vec<Reference>,
+    callbacks: Callbacks,
+}
+
+impl Parts {
+    fn module(&mut self, r: &Record<'_>) -> Result<(), ManifestError> {
+        if self.module.is_some() {
+            return Err(ManifestError::Duplicate {
+                offset: r.offset,
+                what: "module",
+            });
+        }
+        let name = r.non_empty(0, "patch name")?;
+        self.module = Some((
+            name.to_owned(),
+            r.strings[1].to_owned(),
+            r.strings[2].to_owned(),
+        ));
+        Ok(())
+    }
+
+    fn target(&mut self, r: &Record<'_>) -> Result<(), ManifestError> {
+        let offset = r.offset;
+        let t: RawTarget = r.fixed()?;
+        if t.reserved != 0 {
+            return Err(ManifestError::ReservedNotZero { offset });
+        }
+        if self.target.is_some() {
+            return Err(ManifestError::Duplicate {
+                offset,
+                what: "target",
+            });
+        }
+        let kind = match (t.target_kind, r.strings[0].is_empty()) {
+            (raw::TARGET_EXE, true) => TargetKind::Executable,
+            (raw::TARGET_LIB, false) => TargetKind::Library {
+                soname: r.strings[0].to_owned(),
+            },
+            (raw::TARGET_EXE | raw::TARGET_LIB, _) => {
+                return Err(ManifestError::BadTargetName { offset })
+            }
+            (k, _) => return Err(ManifestError::BadTargetKind { offset, kind: k }),
+        };
+        let build_id = if r.strings[1].is_empty() {
+            None
+        } else {
+            Some(parse_hex(r.strings[1]).ok_or(ManifestError::BadBuildId { offset })?)
+        };
+        self.target = Some(Target { kind, build_id });
+        Ok(())
+    }
+
+    fn replace(&mut self, r: &Record<'_>) -> Result<(), ManifestError> {
+        let offset = r.offset;
+        let raw: RawReplace = r.fixed()?;
+        if raw.flags != 0 {
+            return Err(ManifestError::ReservedNotZero { offset });
+        }
+        let old_name = r.non_empty(0, "old symbol")?;
+        let new_symbol = r.non_empty(2, "new symbol")?;
+        let old = spec(old_name, r.strings[1], raw.index);
+        if self.functions.iter().any(|f| f.old == old) {
+            return Err(ManifestError::DuplicateFunction { offset });
+        }
+        self.functions.push(FunctionEntry {
+            old,
+            expected_size: (raw.expected_size != 0).then_some(raw.expected_size),
+            checksum: (raw.checksum != 0).then_some(raw.checksum),
+            new_symbol: new_symbol.to_owned(),
+        });
+        Ok(())
+    }
+
+    fn reference(&mut self, r: &Record<'_>) -> Result<(), ManifestError> {
+        let offset = r.offset;
+        let raw: RawRef = r.fixed()?;
+        if raw.slot != 0 {
+            return Err(ManifestError::SlotNotZero { offset });
+        }
+        let kind = match raw.ref_kind {
+            raw::REF_ANY => RefKind::Any,
+            raw::REF_FUNC => RefKind::Function,
+            raw::REF_OBJECT => RefKind::Variable,
+            k => return Err(ManifestError::BadRefKind { offset, kind: k }),
+        };
+        let symbol = r.non_empty(0, "referenced symbol")?;
+        self.references.push(Reference {
+            symbol: spec(symbol, r.strings[1], raw.index),
+            kind,
+            slot_offset: (offset + raw::REF_SLOT_OFFSET) as u64,
+        });
+        Ok(())
+    }
+
+    fn callback(&mut self, r: &Record<'_>) -> Result<(), ManifestError> {
+        let offset = r.offset;
+        let c: RawCallback = r.fixed()?;
+        if c.reserved != 0 {
+            return Err(ManifestError::ReservedNotZero { offset });
+        }
+        let slot = match c.which {
+            raw::CALLBACK_PRE_APPLY => &mut self.callbacks.pre_apply,
+            raw::CALLBACK_POST_APPLY => &mut self.callbacks.post_apply,
+            raw::CALLBACK_PRE_REVERT => &mut self.callbacks.pre_revert,
+            raw::CALLBACK_POST_REVERT => &mut self.callbacks.post_revert,
+            w => return Err(ManifestError::BadCallback { offset, which: w }),
+        };
+        if slot.is_some() {
+            return Err(ManifestError::Duplicate {
+                offset,
+                what: "callback",
+            });
+        }
+        *slot = Some(r.non_empty(0, "callback symbol")?.to_owned());
+        Ok(())
+    }
+
+    /// The manifest, once every record is read: a module and a target record are required.
+    fn finish(self) -> Result<Manifest, ManifestError> {
+        let (name, version, description) = self.module.ok_or(ManifestError::MissingModule)?;
+        let target = self.target.ok_or(ManifestError::MissingTarget)?;
+        Ok(Manifest {
+            format_version: raw::FORMAT_VERSION,
+            name,
+            version,
+            description,
+            target,
+            functions: self.functions,
+            references: self.references,
+            callbacks: self.callbacks,
+        })
+    }
 }
 
 fn spec(name: &str, file: &str, index: u32) -> SymbolSpec {

@@ -9,3 +9,5 @@
 //! ```
 //!
 //! **Owns:** nothing but the models. **Must not touch:** the code under test.
+
+#![deny(unsafe_code)]

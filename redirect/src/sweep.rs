@@ -18,6 +18,7 @@
 //! drop to zero before it returns, so no handler uses the state (or the borrowed action)
 //! after `run` returns. Both sides use `SeqCst`, so a handler either sees the pointer and is
 //! counted, or sees null.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;

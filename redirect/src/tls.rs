@@ -6,6 +6,7 @@
 //! the size, alignment and bit pattern of `ThreadState::new()` (three `AtomicU64` at zero,
 //! `repr(C)`). A pointer to it is valid for as long as its thread lives; the references this
 //! module hands out are therefore tied to a `!Send` guard.
+#![allow(unsafe_code)]
 
 use std::marker::PhantomData;
 use std::ops::Deref;

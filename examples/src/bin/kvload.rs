@@ -8,6 +8,8 @@
 //! early; the report is printed all the same. Exit codes: 0 all requests answered correctly,
 //! 1 some failed, 2 bad arguments.
 
+#![deny(unsafe_code)]
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -12,6 +12,8 @@
 //! server (`--port P`, `--workers N`, `--transcode-pause-us US`,
 //! `--install-noop-handler SIGNO[:norestart]`).
 
+#![deny(unsafe_code)]
+
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 

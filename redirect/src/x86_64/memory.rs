@@ -23,6 +23,7 @@
 //! Code is written with `pwrite` on `/proc/self/mem` into slots the pool handed out and no
 //! thread executes yet (fresh, or reclaimed after a sweep saw every thread outside).
 //! Data is written through its (RW) near address by the patcher and the universe.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -1,5 +1,13 @@
 //! The patcher: installs patch sites, switches their fast path, removes them, and reclaims
 //! their memory.
+//!
+//! # Safety
+//! The unsafe here is plain stores into the site-word data of slots handed out by
+//! [`memory`](super::memory): those pages are read+write, mapped for the life of the
+//! process, and the slots are aligned and sized for the words; fresh site words are written
+//! before any stub that reads them is reachable, and words other threads read are reached
+//! only as atomics.
+#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -260,8 +268,8 @@ impl Patcher {
         let inner = self.lock();
         Stats {
             moved: self.moved.load(Ordering::Relaxed),
-            traps_sent_on: trap::TRAP_COUNTS[0].load(Ordering::Relaxed),
-            traps_reexecuted: trap::TRAP_COUNTS[1].load(Ordering::Relaxed),
+            traps_sent_on: trap::TRAP_COUNTS.sent_on.load(Ordering::Relaxed),
+            traps_reexecuted: trap::TRAP_COUNTS.reexecuted.load(Ordering::Relaxed),
             installed: inner.installed,
             reclaimed: inner.reclaimed,
         }
@@ -297,89 +305,47 @@ impl Patcher {
         if inner.sites.contains_key(&entry) {
             return Err(Error::AlreadyInstalled { entry });
         }
-        let p = a.patch_point;
-        let now = self.writer.read(p, a.original.len()).ok();
-        let pad_now = a.pad_jump.and_then(|j| self.writer.read(j, JMP32_LEN).ok());
-        if now.as_deref() != Some(&a.original[..])
-            || (a.pad_jump.is_some() && pad_now.as_deref() != Some(&a.pad_original[..]))
-        {
-            return Err(Error::Stale { entry });
-        }
+        self.check_unchanged(a)?;
         let mut reach = a.reach.clone();
         reach.extend(a.pad_jump);
         let slot = inner.pool.alloc(&reach)?;
-        let built = self.build(a, &slot);
-        let (tramp, stub, thunk) = match built {
-            Ok(b) => b,
+        // Until the site's jump is written nothing points at the slot: on an error before
+        // that, it can be reused at once.
+        let tramp = match self.fill_slot(&inner.pool, a, &slot) {
+            Ok(t) => t,
             Err(e) => {
                 inner.pool.free(&slot);
                 return Err(e);
             }
         };
         let tramp_addr = slot.code + memory::TRAMPOLINE;
-        let written = (inner.pool.write_code(&slot, memory::STUB, &stub))
-            .and_then(|()| {
-                inner
-                    .pool
-                    .write_code(&slot, memory::TRAMPOLINE, &tramp.code)
-            })
-            .and_then(|()| inner.pool.write_code(&slot, memory::THUNK, &thunk));
-        if let Err(e) = written {
-            inner.pool.free(&slot);
-            return Err(e);
-        }
-        let site = init_site(&slot, Version(tramp_addr));
         let stub_addr = slot.code + memory::STUB;
-
-        let offsets: Vec<u64> = tramp
-            .map
-            .iter()
-            .map(|&(_, t)| t)
-            .chain(std::iter::once(tramp.jump_back))
-            .collect();
-        let unwind = Registered::new(&[
-            unwind::Range {
-                start: stub_addr,
-                len: memory::TRAMPOLINE,
-                steps: Vec::new(),
-            },
-            unwind::Range {
-                start: tramp_addr,
-                len: tramp.code.len() as u64,
-                steps: unwind::trampoline_steps(&a.instructions, &offsets),
-            },
-        ]);
-        let registered = trap::register(p, stub_addr).and_then(|()| match a.pad_jump {
-            Some(j) => trap::register(j, stub_addr),
-            None => Ok(()),
-        });
-        if let Err(e) = registered {
-            // Nothing points at the slot yet: it can be reused at once.
-            drop(unwind);
-            inner.pool.free(&slot);
-            return Err(e);
-        }
+        let site = init_site(&slot, Version(tramp_addr));
+        let unwind = match register_generated(a, &slot, &tramp) {
+            Ok(u) => u,
+            Err(e) => {
+                inner.pool.free(&slot);
+                return Err(e);
+            }
+        };
         let handle = SiteHandle {
             entry,
             site,
             original: Version(tramp_addr),
             stub: stub_addr,
         };
-
-        let result = self.write_site(a, stub_addr, tramp_addr, &tramp.map);
-        match result {
+        let tramp_len = tramp.code.len() as u64;
+        match self.write_site(a, stub_addr, tramp_addr, &tramp.map) {
             Ok(()) => {
                 inner.installed += 1;
-                inner.sites.insert(
-                    entry,
-                    Record {
-                        analysis: a.clone(),
-                        slot,
-                        handle,
-                        tramp_len: tramp.code.len() as u64,
-                        unwind,
-                    },
-                );
+                let record = Record {
+                    analysis: a.clone(),
+                    slot,
+                    handle,
+                    tramp_len,
+                    unwind,
+                };
+                inner.sites.insert(entry, record);
                 Ok(handle)
             }
             Err(e) => {
@@ -387,12 +353,34 @@ impl Patcher {
                 inner.retired.push(Retired {
                     slot,
                     entry,
-                    tramp_len: tramp.code.len() as u64,
+                    tramp_len,
                     _unwind: unwind,
                 });
                 Err(e)
             }
         }
+    }
+
+    /// Refuses an analysis whose bytes (at the patch point, and in the pad when it uses
+    /// one) are no longer what the function holds.
+    fn check_unchanged(&self, a: &SiteAnalysis) -> Result<()> {
+        let now = self.writer.read(a.patch_point, a.original.len()).ok();
+        let pad_now = a.pad_jump.and_then(|j| self.writer.read(j, JMP32_LEN).ok());
+        if now.as_deref() != Some(&a.original[..])
+            || (a.pad_jump.is_some() && pad_now.as_deref() != Some(&a.pad_original[..]))
+        {
+            return Err(Error::Stale { entry: a.entry });
+        }
+        Ok(())
+    }
+
+    /// Encodes the stub, trampoline and fast-path thunk for `slot` and writes them into it.
+    fn fill_slot(&self, pool: &Pool, a: &SiteAnalysis, slot: &Slot) -> Result<encode::Trampoline> {
+        let (tramp, stub, thunk) = self.build(a, slot)?;
+        pool.write_code(slot, memory::STUB, &stub)?;
+        pool.write_code(slot, memory::TRAMPOLINE, &tramp.code)?;
+        pool.write_code(slot, memory::THUNK, &thunk)?;
+        Ok(tramp)
     }
 
     fn build(
@@ -832,16 +820,55 @@ impl Drop for Patcher {
     }
 }
 
+/// Registers the unwind information of a filled slot's stub and trampoline, and the trap
+/// addresses (patch point, and pad jump) that send a thread to its stub. Nothing is left
+/// registered on error.
+fn register_generated(
+    a: &SiteAnalysis,
+    slot: &Slot,
+    tramp: &encode::Trampoline,
+) -> Result<Registered> {
+    let stub_addr = slot.code + memory::STUB;
+    let tramp_addr = slot.code + memory::TRAMPOLINE;
+    let offsets: Vec<u64> = tramp
+        .map
+        .iter()
+        .map(|&(_, t)| t)
+        .chain(std::iter::once(tramp.jump_back))
+        .collect();
+    let unwind = Registered::new(&[
+        unwind::Range {
+            start: stub_addr,
+            len: memory::TRAMPOLINE,
+            steps: Vec::new(),
+        },
+        unwind::Range {
+            start: tramp_addr,
+            len: tramp.code.len() as u64,
+            steps: unwind::trampoline_steps(&a.instructions, &offsets),
+        },
+    ])?;
+    // On an error `unwind` is dropped here, which deregisters it.
+    trap::register(a.patch_point, stub_addr)?;
+    if let Some(j) = a.pad_jump {
+        trap::register(j, stub_addr)?;
+    }
+    Ok(unwind)
+}
+
 /// Writes fresh site words into a slot no thread reads yet, and returns them.
 fn init_site(slot: &Slot, original: Version) -> &'static Site {
+    const _: () = assert!(memory::THUNK_TARGET + 8 <= memory::DATA_SLOT);
+    const _: () = assert!(std::mem::size_of::<Site>() as u64 <= memory::THUNK_TARGET);
     let ptr = slot.data_rw as *mut Site;
     // SAFETY: the slot's data lies in the RW view, mapped for the life of the process,
     // aligned (32-byte slots in a page-aligned mapping) and large enough for a `Site` (24
     // bytes); no thread reads it yet (fresh or reclaimed slot), so the plain write races
-    // with nobody. `Site` is made of atomics, so shared references to it are sound forever.
+    // with nobody; the thunk's target word (`THUNK_TARGET`, 24) follows it in the same
+    // 32-byte slot. `Site` is made of atomics, so shared references to it are sound forever.
     unsafe {
         ptr.write(Site::new_steady(original));
-        (*(slot.data_rw as *mut u64).add(3)) = 0;
+        ((slot.data_rw + memory::THUNK_TARGET) as *mut u64).write(0);
         &*ptr
     }
 }

@@ -32,6 +32,12 @@
 //! up to the end of the writable mapping that held the stack pointer in a snapshot taken
 //! before the sweep; nothing allocates, no lock is taken, and the scan
 //! stops after [`MAX_SCAN`] bytes and [`MAX_REGIONS`] stacks.
+//!
+//! # Safety
+//! The unsafe is `sigaction` queries into stack-owned structures and `pread` into a buffer
+//! of ours, bounded by its length. Stack memory is never dereferenced: it is copied through
+//! `/proc/self/mem`, which fails instead of faulting on an unmapped page.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 

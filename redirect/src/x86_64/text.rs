@@ -6,6 +6,13 @@
 //! without it, a thread sweep does the same job: every thread runs a signal handler and
 //! returns from it through `rt_sigreturn`, which leaves the kernel by `iret`, a serialising
 //! instruction; that is slower (a signal per thread per step) but correct.
+//!
+//! # Safety
+//! The only unsafe is the raw `membarrier` system call, which takes integers and touches no
+//! memory of ours. Code is written with `pwrite` on `/proc/self/mem` through safe `File`
+//! calls; what makes those writes harmless to running threads is the protocol above, not
+//! the type system.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;

@@ -9,6 +9,14 @@
 //! The handler reads a fixed table of atomics (no allocation, no lock, bounded scan), one
 //! byte of code, and the saved previous disposition (written once before the handler is
 //! installed).
+//!
+//! # Safety
+//! The unsafe here is `sigaction` on stack-owned structures; the kernel's `siginfo` and
+//! `ucontext`, valid for the handler's duration and the handler's alone; one volatile read
+//! of the byte the thread just trapped on (mapped and readable, since the thread executed
+//! it); and calling the previous handler through the address and `SA_SIGINFO` flag the
+//! program itself installed, exactly as the kernel would have called it.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -19,8 +27,6 @@ use crate::error::{Error, Result};
 pub const MAX_TRAP_SITES: usize = 4096;
 
 const INT3: u8 = 0xCC;
-/// `si_code` of a trap raised by an `int3` instruction.
-const SI_KERNEL: i32 = 0x80;
 
 struct TrapSlot {
     /// The address of a byte where kgpatch puts int3 (0 = free).
@@ -42,8 +48,23 @@ static PREV_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PREV_FLAGS: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: Mutex<bool> = Mutex::new(false);
 
-/// Counts traps taken, for tests and diagnostics: `[sent on, re-executed, chained]`.
-pub static TRAP_COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// Counts of traps taken, for tests and diagnostics.
+#[derive(Debug)]
+pub struct TrapCounts {
+    /// Traps on one of kgpatch's int3 bytes, sent on to the equivalent instruction.
+    pub sent_on: AtomicU64,
+    /// Late traps (the int3 was already gone), re-executed at the trapping address.
+    pub reexecuted: AtomicU64,
+    /// Traps that were not kgpatch's, handed to the program's previous disposition.
+    pub chained: AtomicU64,
+}
+
+/// The process's trap counts (relaxed counters, bumped in the handler).
+pub static TRAP_COUNTS: TrapCounts = TrapCounts {
+    sent_on: AtomicU64::new(0),
+    reexecuted: AtomicU64::new(0),
+    chained: AtomicU64::new(0),
+};
 
 /// Installs the handler once, keeping the previous one to chain to.
 pub fn install() -> Result<()> {
@@ -186,7 +207,8 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler,
         // ours alone for the duration of the handler.
         let (code, uc) = unsafe { ((*info).si_code, &mut *(ctx as *mut libc::ucontext_t)) };
-        if code == SI_KERNEL && redirect(uc) {
+        // `SI_KERNEL` is the `si_code` of a trap raised by an `int3` instruction.
+        if code == libc::SI_KERNEL && redirect(uc) {
             return;
         }
     }
@@ -214,17 +236,17 @@ fn redirect(uc: &mut libc::ucontext_t) -> bool {
     let dest = slot.dest.load(Ordering::Acquire);
     if byte == INT3 && dest != 0 {
         uc.uc_mcontext.gregs[libc::REG_RIP as usize] = dest as i64;
-        TRAP_COUNTS[0].fetch_add(1, Ordering::Relaxed);
+        TRAP_COUNTS.sent_on.fetch_add(1, Ordering::Relaxed);
     } else {
         // The int3 is gone: run whatever is there now.
         uc.uc_mcontext.gregs[libc::REG_RIP as usize] = at as i64;
-        TRAP_COUNTS[1].fetch_add(1, Ordering::Relaxed);
+        TRAP_COUNTS.reexecuted.fetch_add(1, Ordering::Relaxed);
     }
     true
 }
 
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    TRAP_COUNTS[2].fetch_add(1, Ordering::Relaxed);
+    TRAP_COUNTS.chained.fetch_add(1, Ordering::Relaxed);
     let prev = PREV_HANDLER.load(Ordering::SeqCst);
     let flags = PREV_FLAGS.load(Ordering::SeqCst) as libc::c_int;
     if prev == libc::SIG_IGN {

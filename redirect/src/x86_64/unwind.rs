@@ -5,38 +5,26 @@
 //! Nothing in a stub calls or pushes, so "CFA = rsp+8, return address at CFA-8" holds at
 //! every one of its instructions. A trampoline replays the overwritten prologue, which may
 //! push registers or move rsp: its rules follow the relocated instructions one by one.
+//!
+//! # Safety
+//! `__register_frame` keeps a pointer to the image it is given and reads it whenever
+//! something unwinds: [`Registered`] owns the image in a `Box` that never moves or changes,
+//! and deregisters it before freeing it. The image is built by [`build`] alone, so it is
+//! always a complete, zero-terminated `.eh_frame`.
+#![allow(unsafe_code)]
 
+use gimli::write::{
+    Address, CallFrameInstruction, CommonInformationEntry, EhFrame, EndianVec,
+    FrameDescriptionEntry, FrameTable,
+};
+use gimli::{Encoding, Format, LittleEndian, X86_64};
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+
+use crate::error::{Error, Result};
 
 extern "C" {
     fn __register_frame(begin: *const u8);
     fn __deregister_frame(begin: *const u8);
-}
-
-const DW_CFA_NOP: u8 = 0x00;
-const DW_CFA_DEF_CFA: u8 = 0x0c;
-const DW_CFA_DEF_CFA_OFFSET: u8 = 0x0e;
-const DW_CFA_ADVANCE_LOC1: u8 = 0x02;
-const DW_CFA_UNDEFINED: u8 = 0x07;
-const RSP: u8 = 7;
-const RIP: u8 = 16;
-
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn pad8(out: &mut Vec<u8>, start: usize) {
-    while (out.len() - start) % 8 != 0 {
-        out.push(DW_CFA_NOP);
-    }
 }
 
 fn dwarf_reg(r: Register) -> Option<u8> {
@@ -137,12 +125,12 @@ pub struct Registered {
 
 impl Registered {
     /// Builds an `.eh_frame` image (one CIE, one FDE per range) and registers it.
-    pub fn new(ranges: &[Range]) -> Registered {
-        let image = build(ranges).into_boxed_slice();
+    pub fn new(ranges: &[Range]) -> Result<Registered> {
+        let image = build(ranges)?.into_boxed_slice();
         // SAFETY: `image` is a complete .eh_frame section (CIE, FDEs, zero terminator) that
         // stays alive and unmoved (boxed) until it is deregistered in `drop`.
         unsafe { __register_frame(image.as_ptr()) };
-        Registered { image }
+        Ok(Registered { image })
     }
 
     /// The bytes, for tests.
@@ -158,66 +146,57 @@ impl Drop for Registered {
     }
 }
 
-/// Builds the `.eh_frame` bytes.
-pub fn build(ranges: &[Range]) -> Vec<u8> {
-    let mut out = Vec::new();
-    // CIE.
-    let cie = out.len();
-    out.extend_from_slice(&[0; 4]); // length
-    out.extend_from_slice(&0u32.to_le_bytes()); // CIE id
-    out.push(1); // version
-    out.extend_from_slice(b"zR\0");
-    uleb(&mut out, 1); // code alignment
-    out.push(0x78); // data alignment -8 (SLEB128)
-    uleb(&mut out, RIP as u64); // return address register
-    uleb(&mut out, 1); // augmentation data length
-    out.push(0x00); // FDE pointers: DW_EH_PE_absptr
-    out.extend_from_slice(&[DW_CFA_DEF_CFA, RSP, 8]);
-    out.extend_from_slice(&[0x80 | RIP, 1]); // rip at CFA-8
-    pad8(&mut out, cie);
-    let len = (out.len() - cie - 4) as u32;
-    out[cie..cie + 4].copy_from_slice(&len.to_le_bytes());
-
+/// Builds the `.eh_frame` bytes (with `gimli::write`): one CIE with the rule that holds at
+/// function entry (CFA = rsp+8, return address at CFA-8), one FDE per range with its
+/// steps, and the zero terminator `__register_frame` needs.
+pub fn build(ranges: &[Range]) -> Result<Vec<u8>> {
+    let encoding = Encoding {
+        format: Format::Dwarf32,
+        version: 1,
+        address_size: 8,
+    };
+    let mut cie = CommonInformationEntry::new(encoding, 1, -8, X86_64::RA);
+    cie.add_instruction(CallFrameInstruction::Cfa(X86_64::RSP, 8));
+    cie.add_instruction(CallFrameInstruction::Offset(X86_64::RA, -8));
+    let mut table = FrameTable::default();
+    let cie = table.add_cie(cie);
     for r in ranges {
-        let fde = out.len();
-        out.extend_from_slice(&[0; 4]);
-        let cie_ptr = (out.len() - cie) as u32;
-        out.extend_from_slice(&cie_ptr.to_le_bytes());
-        out.extend_from_slice(&r.start.to_le_bytes());
-        out.extend_from_slice(&r.len.to_le_bytes());
-        uleb(&mut out, 0); // augmentation data length
-        let mut at = 0u64;
+        let len = u32::try_from(r.len).map_err(|_| unwind_error(r.start, "range too long"))?;
+        let mut fde = FrameDescriptionEntry::new(Address::Constant(r.start), len);
         for &(offset, cfa, saved) in &r.steps {
             if offset >= r.len {
                 break;
             }
-            if offset > at {
-                let delta = offset - at;
-                if delta < 64 {
-                    out.push(0x40 | delta as u8);
-                } else {
-                    out.push(DW_CFA_ADVANCE_LOC1);
-                    out.push(delta.min(255) as u8);
-                }
-                at = offset;
-            }
+            // `offset < r.len <= u32::MAX`.
+            let at = offset as u32;
             if cfa == 0 {
-                out.extend_from_slice(&[DW_CFA_UNDEFINED, RIP]);
+                fde.add_instruction(at, CallFrameInstruction::Undefined(X86_64::RA));
                 break;
             }
-            out.push(DW_CFA_DEF_CFA_OFFSET);
-            uleb(&mut out, cfa);
+            let cfa = i32::try_from(cfa).map_err(|_| unwind_error(r.start, "CFA offset"))?;
+            fde.add_instruction(at, CallFrameInstruction::CfaOffset(cfa));
             if let Some((reg, slot)) = saved {
-                out.push(0x80 | reg);
-                uleb(&mut out, slot / 8);
+                let slot = i32::try_from(slot).map_err(|_| unwind_error(r.start, "slot"))?;
+                let reg = gimli::Register(u16::from(reg));
+                fde.add_instruction(at, CallFrameInstruction::Offset(reg, -slot));
             }
         }
-        pad8(&mut out, fde);
-        let len = (out.len() - fde - 4) as u32;
-        out[fde..fde + 4].copy_from_slice(&len.to_le_bytes());
+        table.add_fde(cie, fde);
     }
+    let mut eh = EhFrame(EndianVec::new(LittleEndian));
+    table
+        .write_eh_frame(&mut eh)
+        .map_err(|e| unwind_error(ranges.first().map_or(0, |r| r.start), &e.to_string()))?;
+    let mut out = eh.0.into_vec();
     out.extend_from_slice(&[0; 4]);
-    out
+    Ok(out)
+}
+
+fn unwind_error(entry: u64, what: &str) -> Error {
+    Error::Encode {
+        entry,
+        message: format!("cannot encode unwind information: {what}"),
+    }
 }
 
 #[cfg(test)]
@@ -242,25 +221,59 @@ mod tests {
         );
     }
 
+    /// The rule row `.eh_frame` image `img` gives for `pc`, as a reader (gimli) sees it.
+    fn row(img: &[u8], pc: u64) -> Option<gimli::UnwindTableRow<usize>> {
+        use gimli::UnwindSection;
+        let eh = gimli::EhFrame::new(img, LittleEndian);
+        let mut ctx = gimli::UnwindContext::new();
+        eh.unwind_info_for_address(
+            &gimli::BaseAddresses::default(),
+            &mut ctx,
+            pc,
+            gimli::EhFrame::cie_from_offset,
+        )
+        .ok()
+        .cloned()
+    }
+
     #[test]
-    fn image_is_well_formed() {
-        let img = build(&[Range {
-            start: 0x1000,
-            len: 32,
-            steps: vec![(1, 16, Some((6, 16)))],
-        }]);
-        let cie_len = u32::from_le_bytes(img[0..4].try_into().unwrap()) as usize;
-        assert_eq!((cie_len + 4) % 8, 0);
-        let fde = cie_len + 4;
-        let fde_len = u32::from_le_bytes(img[fde..fde + 4].try_into().unwrap()) as usize;
-        let cie_ptr = u32::from_le_bytes(img[fde + 4..fde + 8].try_into().unwrap()) as usize;
-        assert_eq!(cie_ptr, fde + 4);
-        assert_eq!(
-            u64::from_le_bytes(img[fde + 8..fde + 16].try_into().unwrap()),
-            0x1000
-        );
-        assert_eq!(&img[fde + 4 + fde_len..], &[0, 0, 0, 0]);
-        // advance 1; def_cfa_offset 16; rbp at cfa-16
-        assert_eq!(&img[fde + 25..fde + 30], &[0x41, 0x0e, 16, 0x86, 2]);
+    fn image_describes_each_step() {
+        use gimli::{CfaRule, RegisterRule};
+        let img = build(&[
+            Range {
+                start: 0x1000,
+                len: 32,
+                steps: vec![(1, 16, Some((6, 16))), (3, 24, None), (9, 0, None)],
+            },
+            Range {
+                start: 0x2000,
+                len: 300,
+                steps: vec![(280, 16, Some((12, 16)))],
+            },
+        ])
+        .unwrap();
+        assert_eq!(&img[img.len() - 4..], &[0, 0, 0, 0], "zero terminator");
+        let cfa = |pc| match row(&img, pc).unwrap().cfa() {
+            CfaRule::RegisterAndOffset { register, offset } => {
+                assert_eq!(*register, X86_64::RSP);
+                *offset
+            }
+            other => panic!("{other:?}"),
+        };
+        let rule = |pc, reg| row(&img, pc).unwrap().register(reg);
+        assert_eq!(cfa(0x1000), 8);
+        assert_eq!(rule(0x1000, X86_64::RA), RegisterRule::Offset(-8));
+        assert_eq!(rule(0x1000, X86_64::RBP), RegisterRule::Undefined);
+        assert_eq!(cfa(0x1001), 16);
+        assert_eq!(rule(0x1002, X86_64::RBP), RegisterRule::Offset(-16));
+        assert_eq!(cfa(0x1003), 24);
+        assert_eq!(rule(0x1008, X86_64::RBP), RegisterRule::Offset(-16));
+        assert_eq!(rule(0x1009, X86_64::RA), RegisterRule::Undefined);
+        assert_eq!(rule(0x101f, X86_64::RA), RegisterRule::Undefined);
+        assert!(row(&img, 0x1020).is_none(), "past the range");
+        // An advance beyond one byte's reach.
+        assert_eq!(cfa(0x2000 + 279), 8);
+        assert_eq!(cfa(0x2000 + 280), 16);
+        assert_eq!(rule(0x2000 + 299, X86_64::R12), RegisterRule::Offset(-16));
     }
 }

@@ -25,14 +25,29 @@ const SAME: i16 = i16::MAX;
 /// A saved-register slot meaning "unknown in the caller".
 const UNKNOWN: i16 = i16::MIN;
 
+/// The most operations one DWARF expression may run before it counts as bad unwind info:
+/// keeps a looping (or hostile) expression from stalling a walk in a signal handler.
+const MAX_EXPRESSION_STEPS: u32 = 256;
+
+/// Where a [`FastRule`]'s CFA comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CfaBase {
+    /// The outermost frame: the return address is undefined, the walk ends here.
+    Outermost,
+    /// CFA = rsp + offset.
+    Rsp,
+    /// CFA = rbp + offset.
+    Rbp,
+}
+
 /// A CFI row reduced to what a walk needs, cached per pc. Covers rows whose CFA is rsp or
 /// rbp plus an offset, whose return address and callee-saved registers are saved at CFA
 /// offsets, and which leave caller-saved registers alone (almost every row of compiled
 /// code). Other rows are evaluated from CFI each time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FastRule {
-    /// 0 = outermost frame (return address undefined), 1 = CFA from rsp, 2 = from rbp.
-    kind: u8,
+    /// The register the CFA is an offset from (or none: the outermost frame).
+    base: CfaBase,
     cfa_off: i32,
     ra_off: i16,
     /// For rbx, rbp, r12..r15: the CFA offset of the saved value, or [`SAME`]/[`UNKNOWN`].
@@ -41,16 +56,16 @@ pub(crate) struct FastRule {
 
 impl FastRule {
     pub(crate) const OUTERMOST: FastRule = FastRule {
-        kind: 0,
+        base: CfaBase::Outermost,
         cfa_off: 0,
         ra_off: 0,
         saved: [SAME; 6],
     };
 
     fn from_row(row: &UnwindTableRow<usize, FixedStorage>) -> Option<FastRule> {
-        let kind = match row.cfa() {
-            CfaRule::RegisterAndOffset { register, .. } if *register == X86_64::RSP => 1,
-            CfaRule::RegisterAndOffset { register, .. } if *register == X86_64::RBP => 2,
+        let base = match row.cfa() {
+            CfaRule::RegisterAndOffset { register, .. } if *register == X86_64::RSP => CfaBase::Rsp,
+            CfaRule::RegisterAndOffset { register, .. } if *register == X86_64::RBP => CfaBase::Rbp,
             _ => return None,
         };
         let CfaRule::RegisterAndOffset { offset, .. } = row.cfa() else {
@@ -82,7 +97,7 @@ impl FastRule {
             };
         }
         Some(FastRule {
-            kind,
+            base,
             cfa_off,
             ra_off,
             saved,
@@ -152,10 +167,10 @@ pub(crate) fn step<M: StackReader>(
 /// Executes a cached rule.
 #[inline]
 fn exec_fast<M: StackReader>(rule: FastRule, regs: &mut Regs, mem: &mut M) -> Res<Step> {
-    let base = match rule.kind {
-        0 => return Ok(Step::Outermost),
-        1 => regs.get_dwarf(RSP),
-        _ => regs.get_dwarf(RBP),
+    let base = match rule.base {
+        CfaBase::Outermost => return Ok(Step::Outermost),
+        CfaBase::Rsp => regs.get_dwarf(RSP),
+        CfaBase::Rbp => regs.get_dwarf(RBP),
     }
     .ok_or(Why::CfaNotRecoverable)?;
     let cfa = base
@@ -293,7 +308,7 @@ fn eval<M: StackReader>(
     if let Some(v) = initial {
         ev.set_initial_value(v);
     }
-    ev.set_max_iterations(256);
+    ev.set_max_iterations(MAX_EXPRESSION_STEPS);
     let mut state = ev.evaluate();
     loop {
         match state.map_err(|_| Why::BadUnwindInfo)? {
