@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use kgpatch_examples::load::{self, IncrSign, LoadConfig, LoadReport};
 use kgpatch_examples::tools::{exit, KgpatchRun, PatchableServer};
 use kgpatch_examples::{patch_path, server_path, Patch, ServerOptions, Variant};
+use kgpatch_protocol::{Kind, OutcomeKind};
 
 // ---- helpers ------------------------------------------------------------------------------
 
@@ -151,8 +152,10 @@ fn fix_incr_applies_and_reverts_under_load() {
 
     bg.next_phase(); // 1: applying
     let apply = must(srv.apply(Patch::FixIncr, &["--timeout", "10s"]).unwrap());
-    assert!(
-        apply.stdout.contains("(apply fix-incr) completed"),
+    let outcome = apply.outcome().unwrap_or_else(|| panic!("{apply}"));
+    assert_eq!(
+        (outcome.kind, outcome.patch.as_str(), outcome.result),
+        (Kind::Apply, "fix-incr", OutcomeKind::Completed),
         "{apply}"
     );
     bg.next_phase(); // 2: applied
@@ -175,8 +178,10 @@ fn fix_incr_applies_and_reverts_under_load() {
 
     bg.next_phase(); // 3: reverting
     let revert = must(srv.revert("fix-incr", &["--timeout", "10s"]).unwrap());
-    assert!(
-        revert.stdout.contains("(revert fix-incr) completed"),
+    let outcome = revert.outcome().unwrap_or_else(|| panic!("{revert}"));
+    assert_eq!(
+        (outcome.kind, outcome.patch.as_str(), outcome.result),
+        (Kind::Revert, "fix-incr", OutcomeKind::Completed),
         "{revert}"
     );
     bg.next_phase(); // 4: reverted
@@ -319,7 +324,15 @@ fn stacked_patches_come_out_in_order() {
         );
         assert_eq!(srv.stats().unwrap().get("codec"), Some("2"));
         let out_of_order = srv.revert("codec-v2", &[]).unwrap();
-        assert_eq!(out_of_order.code, Some(exit::FAILED), "{out_of_order}");
+        assert_eq!(
+            out_of_order.code,
+            Some(exit::NO_SUCH_PATCH),
+            "{out_of_order}"
+        );
+        assert_eq!(
+            out_of_order.json().unwrap().error().unwrap().kind,
+            "no_such_patch"
+        );
         assert!(out_of_order.stderr.contains("not on top"), "{out_of_order}");
         must(srv.revert("codec-pair-only", &[]).unwrap());
         assert_eq!(
@@ -629,10 +642,20 @@ fn wrong_target_modules_are_refused() {
         let threads = srv.threads().unwrap().len();
 
         let run = srv.apply(Patch::WrongTarget, &[]).unwrap();
-        assert_eq!(run.code, Some(exit::FAILED), "{}: {run}", variant.name());
+        assert_eq!(
+            run.code,
+            Some(exit::BAD_MODULE),
+            "{}: {run}",
+            variant.name()
+        );
         assert!(run.stderr.contains("build-id"), "{run}");
         let run = srv.apply(Patch::MissingLibrary, &[]).unwrap();
-        assert_eq!(run.code, Some(exit::FAILED), "{}: {run}", variant.name());
+        assert_eq!(
+            run.code,
+            Some(exit::BAD_MODULE),
+            "{}: {run}",
+            variant.name()
+        );
         assert!(run.stderr.contains("libkvmissing.so.1"), "{run}");
         println!("{}: {}", variant.name(), run.stderr.trim_end());
 
