@@ -252,22 +252,33 @@ fn bad_input_is_refused_and_target_untouched() {
             &wrong_lib,
             "libnotloaded.so.7, which is not loaded",
         ),
-        ("wrong build-id", &wrong_bid, "build-id"),
-        ("wrong checksum", &wrong_sum, "checksum"),
-        ("missing symbol", &missing, "no_such_function"),
-        ("ambiguous local symbol", &ambiguous, "ambiguous"),
-        ("3-byte function", &tiny, "patch site needs"),
-        ("pre-apply veto", &veto, "the e2e veto callback says no"),
+        ("wrong build-id", &wrong_bid, "bad_module", "build-id"),
+        ("wrong checksum", &wrong_sum, "bad_module", "checksum"),
+        ("missing symbol", &missing, "bad_module", "no_such_function"),
+        (
+            "ambiguous local symbol",
+            &ambiguous,
+            "bad_module",
+            "ambiguous",
+        ),
+        ("3-byte function", &tiny, "unpatchable", "patch site needs"),
+        (
+            "pre-apply veto",
+            &veto,
+            "vetoed",
+            "the e2e veto callback says no",
+        ),
         (
             "build-id case again, to check nothing piled up",
             &wrong_bid,
+            "bad_module",
             "build-id",
         ),
     ];
     let mut report = String::new();
-    for (case, module, needle) in cases {
+    for (case, module, kind, needle) in cases {
         let out = t.apply(module, "5s");
-        out.expect(1, needle);
+        out.expect_refused(kind, needle);
         let msg = out.stderr.lines().last().unwrap_or("").to_string();
         assert!(msg.starts_with("kgpatch: "), "{case}: {out}");
         report.push_str(&format!("  {case}: {msg}\n"));
@@ -290,7 +301,7 @@ fn bad_input_is_refused_and_target_untouched() {
     expect_completed(&t.apply(&good_b, "10s"));
     let stacked = snapshot(&t, &fns);
     let out = t.revert("fix-a", "5s");
-    out.expect(1, "fix-a");
+    out.expect_refused("no_such_patch", "fix-a");
     report.push_str(&format!("  revert not on top: {}\n", out.stderr.trim()));
     let s = t.status();
     assert_eq!(s.patches.len(), 2, "{s:#?}");
@@ -301,7 +312,7 @@ fn bad_input_is_refused_and_target_untouched() {
         "a refused revert changed code"
     );
     let out = t.revert("fix-unknown", "5s");
-    out.expect(1, "fix-unknown");
+    out.expect_refused("no_such_patch", "fix-unknown");
     report.push_str(&format!(
         "  revert of an unknown patch: {}\n",
         out.stderr.trim()
@@ -327,7 +338,7 @@ fn bad_input_is_refused_and_target_untouched() {
     let during = snapshot(&t, &fns);
     let tr_before = t.status().transition.unwrap();
     let out = t.apply(&good_b, "5s");
-    out.expect(1, "in progress");
+    out.expect_refused("busy", "in progress");
     report.push_str(&format!("  second transition: {}\n", out.stderr.trim()));
     let tr_after = t
         .status()
@@ -439,9 +450,10 @@ fn other_uid_is_refused() {
         &dir.runtime_dir(),
         &["apply", &pid, public.to_str().unwrap()],
     );
-    out.expect(1, "permission denied");
+    out.expect(refusal_code("bad_request"), "permission denied");
     eprintln!("other uid, open socket: {}", out.stderr.trim());
-    kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid]).expect(1, "own user or root");
+    kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid])
+        .expect(refusal_code("bad_request"), "own user or root");
     assert_untouched(
         "other uid (peer check)",
         &mut t,

@@ -237,6 +237,22 @@ impl Out {
             .unwrap_or_else(|| panic!("no error in the JSON:\n{self}"))
     }
 
+    /// Panics unless the agent refused with class `kind` (a name of the protocol's
+    /// `ErrorKind`): the exit code is that class's documented code, the `--json` error names
+    /// the class and its code, and the output holds `needle`.
+    #[track_caller]
+    pub fn expect_refused(&self, kind: &str, needle: &str) -> &Out {
+        let code = refusal_code(kind);
+        self.expect(code, needle);
+        let e = self.error();
+        assert_eq!(
+            (e.kind.as_str(), i32::from(e.exit_code)),
+            (kind, code),
+            "{self}"
+        );
+        self
+    }
+
     /// Panics unless the exit code is `code`.
     #[track_caller]
     pub fn expect_code(&self, code: i32) -> &Out {
@@ -253,6 +269,23 @@ impl Out {
             "output lacks {needle:?}:\n{self}"
         );
         self
+    }
+}
+
+/// The exit code the CLI documents for a refusal of class `kind` (its `//!` table; an
+/// independent copy, so a change of the policy fails here).
+#[track_caller]
+pub fn refusal_code(kind: &str) -> i32 {
+    match kind {
+        "internal" => 1,
+        "busy" => 5,
+        "bad_module" => 6,
+        "unpatchable" => 7,
+        "vetoed" => 8,
+        "no_such_patch" => 9,
+        "no_transition" => 10,
+        "bad_request" => 11,
+        other => panic!("no such error kind {other:?}"),
     }
 }
 

@@ -195,7 +195,7 @@ fn patched_library_stays_mapped_until_revert() {
         "{st:#?}"
     );
     t.kg(&["unload", &t.pid_arg(), "fix-unload"])
-        .expect(1, "revert it first");
+        .expect(refusal_code("busy"), "revert it first");
 
     // The program holds its handle over the revert: its dlclose then unmaps the library.
     expect_completed(&t.revert("fix-unload", "30s"));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kgpatch_examples::load::{self, IncrSign, LoadConfig, LoadReport};
 use kgpatch_examples::tools::{exit, KgpatchRun, PatchableServer};
 use kgpatch_examples::{patch_path, server_path, Patch, ServerOptions, Variant};
-use kgpatch_protocol::{Kind, OutcomeKind};
+use kgpatch_protocol::{BlockerInfo, Kind, OutcomeKind, Status, TransitionInfo};
 
 // ---- helpers ------------------------------------------------------------------------------
 
@@ -94,18 +94,19 @@ fn incr_minus_five_on_every_worker(srv: &PatchableServer, workers: usize) -> Vec
         .collect()
 }
 
-fn status(srv: &PatchableServer) -> serde_json::Value {
+/// `kgpatch status --json`, read into the protocol's type.
+fn status(srv: &PatchableServer) -> Status {
     let run = must(srv.status_json().unwrap());
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
 }
 
 fn patch_names(srv: &PatchableServer) -> Vec<String> {
-    status(srv)["patches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_string())
-        .collect()
+    status(srv).patches.into_iter().map(|p| p.name).collect()
+}
+
+/// How the last transition ended.
+fn last_result(srv: &PatchableServer) -> Option<OutcomeKind> {
+    status(srv).last.map(|o| o.result)
 }
 
 /// Median, p90 and max of transition times in ms.
@@ -367,20 +368,19 @@ struct Parked {
     tid: u64,
     name: String,
     function: String,
-    transition: serde_json::Value,
+    transition: TransitionInfo,
 }
 
 fn parked_blocker(srv: &PatchableServer) -> Option<Parked> {
-    let s = status(srv);
-    let tr = s.get("transition")?;
-    tr["pending"].as_array()?.iter().find_map(|th| {
-        let b = th.get("blocker")?;
-        (b["kind"] == "busy").then(|| Parked {
-            tid: th["tid"].as_u64().unwrap(),
-            name: th["name"].as_str().unwrap().to_string(),
-            function: b["function"].as_str().unwrap().to_string(),
+    let tr = status(srv).transition?;
+    tr.pending.iter().find_map(|th| match &th.blocker {
+        Some(BlockerInfo::Busy { function, .. }) => Some(Parked {
+            tid: u64::from(th.tid),
+            name: th.name.clone(),
+            function: function.clone(),
             transition: tr.clone(),
-        })
+        }),
+        _ => None,
     })
 }
 
@@ -390,14 +390,14 @@ fn wait_for_parked(srv: &PatchableServer, within: Duration, sole: bool) -> Parke
     let deadline = Instant::now() + within;
     loop {
         if let Some(found) = parked_blocker(srv) {
-            let pending = found.transition["pending"].as_array().map_or(0, Vec::len);
+            let pending = found.transition.pending.len();
             if !sole || pending == 1 {
                 return found;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "status never showed a thread blocked by a busy frame (sole={sole}): {}",
+            "status never showed a thread blocked by a busy frame (sole={sole}): {:?}",
             status(srv)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -431,10 +431,10 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     assert_eq!(
         (first.tid, first.name.as_str()),
         (worker0, "kv-worker-0"),
-        "{tr}"
+        "{tr:?}"
     );
-    assert_eq!(tr["patch"], "slow-path");
-    assert_eq!(tr["kind"], "apply");
+    assert_eq!(tr.patch, "slow-path");
+    assert_eq!(tr.kind, Kind::Apply);
     // the other worker serves meanwhile
     assert_eq!(srv.request("PING").unwrap(), "PONG");
     let run = srv.wait(child, &args).unwrap();
@@ -442,7 +442,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     assert!(run.stdout.contains("reversed"), "{run}");
     assert!(t0.elapsed() >= Duration::from_secs(1), "{run}");
     assert!(patch_names(&srv).is_empty());
-    assert_eq!(status(&srv)["last"]["result"], "reversed");
+    assert_eq!(last_result(&srv), Some(OutcomeKind::Reversed));
 
     // 2. --keep-pending leaves it pending past the deadline; force completes it
     let args = [
@@ -461,10 +461,10 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     std::thread::sleep(Duration::from_millis(500));
     let second = parked_blocker(&srv).expect("still pending after the deadline");
     let tr = &second.transition;
-    assert_eq!(second.tid, worker0, "{tr}");
-    assert_eq!(tr["remaining_ms"], 0, "{tr}");
-    assert_eq!(tr["reversed"], false, "{tr}");
-    assert_eq!(tr["left_pending"], true, "{tr}");
+    assert_eq!(second.tid, worker0, "{tr:?}");
+    assert_eq!(tr.remaining_ms, 0, "{tr:?}");
+    assert!(!tr.reversed, "{tr:?}");
+    assert!(tr.left_pending, "{tr:?}");
     // the waiting apply returns at its deadline, saying the transition is left pending
     let run = srv.wait(child, &args).unwrap();
     assert_eq!(run.code, Some(exit::INCOMPLETE), "{run}");
@@ -475,7 +475,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     while patch_names(&srv).is_empty() && std::time::Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(status(&srv)["last"]["result"], "completed");
+    assert_eq!(last_result(&srv), Some(OutcomeKind::Completed));
     assert_eq!(patch_names(&srv), ["slow-path"]);
 
     // the parked request finishes normally in the old body; new calls run the new one
@@ -501,7 +501,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     for p in [&first, &second] {
         assert!(
             p.function == "kv_slow_path",
-            "status names the function that blocks the thread: {}",
+            "status names the function that blocks the thread: {:?}",
             p.transition
         );
     }
@@ -664,7 +664,7 @@ fn wrong_target_modules_are_refused() {
         assert_eq!(srv.request("PING").unwrap(), "PONG");
         assert_eq!(incr_minus_five(&srv), 5, "still the original code");
         assert!(patch_names(&srv).is_empty());
-        assert!(status(&srv)["transition"].is_null());
+        assert!(status(&srv).transition.is_none());
         assert_eq!(srv.threads().unwrap().len(), threads);
         // and the right module still applies afterwards
         must(srv.apply(Patch::FixIncr, &[]).unwrap());
