@@ -242,14 +242,30 @@ fn bad_input_is_refused_and_target_untouched() {
     assert_untouched("at start", &mut t, &fns, &original, dir.path());
 
     let nowhere = dir.join("no-such-module.so");
-    let cases: [(&str, &Path, &str); 12] = [
-        ("random bytes", &junk, "ELF"),
-        ("ELF without manifest", &plain, "no .kgpatch section"),
-        ("missing file", &nowhere, "cannot read the patch module"),
-        ("manifest version 2", &badver, "format version 2"),
+    let cases: [(&str, &Path, &str, &str); 12] = [
+        ("random bytes", &junk, "bad_module", "ELF"),
+        (
+            "ELF without manifest",
+            &plain,
+            "bad_module",
+            "no .kgpatch section",
+        ),
+        (
+            "missing file",
+            &nowhere,
+            "failed",
+            "cannot read the patch module",
+        ),
+        (
+            "manifest version 2",
+            &badver,
+            "bad_module",
+            "format version 2",
+        ),
         (
             "library not loaded",
             &wrong_lib,
+            "bad_module",
             "libnotloaded.so.7, which is not loaded",
         ),
         ("wrong build-id", &wrong_bid, "bad_module", "build-id"),

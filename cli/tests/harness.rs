@@ -237,8 +237,8 @@ impl Out {
             .unwrap_or_else(|| panic!("no error in the JSON:\n{self}"))
     }
 
-    /// Panics unless the agent refused with class `kind` (a name of the protocol's
-    /// `ErrorKind`): the exit code is that class's documented code, the `--json` error names
+    /// Panics unless the command failed with class `kind` (a name of the protocol's
+    /// `ErrorKind`, or `failed` for a local failure): the exit code is that class's documented code, the `--json` error names
     /// the class and its code, and the output holds `needle`.
     #[track_caller]
     pub fn expect_refused(&self, kind: &str, needle: &str) -> &Out {
@@ -277,7 +277,7 @@ impl Out {
 #[track_caller]
 pub fn refusal_code(kind: &str) -> i32 {
     match kind {
-        "internal" => 1,
+        "internal" | "failed" => 1,
         "busy" => 5,
         "bad_module" => 6,
         "unpatchable" => 7,
