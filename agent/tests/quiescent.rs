@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kgpatch_agent::protocol::{BlockerInfo, Client, OnTimeout, OutcomeKind, Request, Response};
+use kgpatch_agent::protocol::{
+    BlockerInfo, Client, OnTimeout, Origin, OutcomeKind, Request, Response,
+};
 
 /// The function the test patches: 3x + 7 (the patch makes it 1000 + x).
 #[no_mangle]
@@ -84,6 +86,12 @@ fn a_thread_that_blocks_our_signal_moves_at_its_quiescent_point() {
     std::env::set_var("KGPATCH_RUNTIME_DIR", &dir);
     let socket = kgpatch_agent::start().expect("the agent starts in this process");
     let agent = Client::at(&socket);
+    let came_in = agent.status().expect("status").agent;
+    assert_eq!(
+        came_in.map(|a| a.origin),
+        Some(Origin::Linked),
+        "start() records a linked agent"
+    );
     let module = build_module(&dir);
 
     let quiesce = Arc::new(AtomicBool::new(false));

@@ -242,32 +242,59 @@ fn bad_input_is_refused_and_target_untouched() {
     assert_untouched("at start", &mut t, &fns, &original, dir.path());
 
     let nowhere = dir.join("no-such-module.so");
-    let cases: [(&str, &Path, &str); 12] = [
-        ("random bytes", &junk, "ELF"),
-        ("ELF without manifest", &plain, "no .kgpatch section"),
-        ("missing file", &nowhere, "cannot read the patch module"),
-        ("manifest version 2", &badver, "format version 2"),
+    let cases: [(&str, &Path, &str, &str); 12] = [
+        ("random bytes", &junk, "bad_module", "ELF"),
+        (
+            "ELF without manifest",
+            &plain,
+            "bad_module",
+            "no .kgpatch section",
+        ),
+        (
+            "missing file",
+            &nowhere,
+            "failed",
+            "cannot read the patch module",
+        ),
+        (
+            "manifest version 2",
+            &badver,
+            "bad_module",
+            "format version 2",
+        ),
         (
             "library not loaded",
             &wrong_lib,
+            "bad_module",
             "libnotloaded.so.7, which is not loaded",
         ),
-        ("wrong build-id", &wrong_bid, "build-id"),
-        ("wrong checksum", &wrong_sum, "checksum"),
-        ("missing symbol", &missing, "no_such_function"),
-        ("ambiguous local symbol", &ambiguous, "ambiguous"),
-        ("3-byte function", &tiny, "patch site needs"),
-        ("pre-apply veto", &veto, "the e2e veto callback says no"),
+        ("wrong build-id", &wrong_bid, "bad_module", "build-id"),
+        ("wrong checksum", &wrong_sum, "bad_module", "checksum"),
+        ("missing symbol", &missing, "bad_module", "no_such_function"),
+        (
+            "ambiguous local symbol",
+            &ambiguous,
+            "bad_module",
+            "ambiguous",
+        ),
+        ("3-byte function", &tiny, "unpatchable", "patch site needs"),
+        (
+            "pre-apply veto",
+            &veto,
+            "vetoed",
+            "the e2e veto callback says no",
+        ),
         (
             "build-id case again, to check nothing piled up",
             &wrong_bid,
+            "bad_module",
             "build-id",
         ),
     ];
     let mut report = String::new();
-    for (case, module, needle) in cases {
+    for (case, module, kind, needle) in cases {
         let out = t.apply(module, "5s");
-        out.expect(1, needle);
+        out.expect_refused(kind, needle);
         let msg = out.stderr.lines().last().unwrap_or("").to_string();
         assert!(msg.starts_with("kgpatch: "), "{case}: {out}");
         report.push_str(&format!("  {case}: {msg}\n"));
@@ -312,7 +339,7 @@ fn bad_input_is_refused_and_target_untouched() {
     expect_completed(&t.apply(&good_b, "10s"));
     let stacked = snapshot(&t, &fns);
     let out = t.revert("fix-a", "5s");
-    out.expect(1, "fix-a");
+    out.expect_refused("no_such_patch", "fix-a");
     report.push_str(&format!("  revert not on top: {}\n", out.stderr.trim()));
     let s = t.status();
     assert_eq!(s.patches.len(), 2, "{s:#?}");
@@ -323,7 +350,7 @@ fn bad_input_is_refused_and_target_untouched() {
         "a refused revert changed code"
     );
     let out = t.revert("fix-unknown", "5s");
-    out.expect(1, "fix-unknown");
+    out.expect_refused("no_such_patch", "fix-unknown");
     report.push_str(&format!(
         "  revert of an unknown patch: {}\n",
         out.stderr.trim()
@@ -349,7 +376,7 @@ fn bad_input_is_refused_and_target_untouched() {
     let during = snapshot(&t, &fns);
     let tr_before = t.status().transition.unwrap();
     let out = t.apply(&good_b, "5s");
-    out.expect(1, "in progress");
+    out.expect_refused("busy", "in progress");
     report.push_str(&format!("  second transition: {}\n", out.stderr.trim()));
     let tr_after = t
         .status()
@@ -481,9 +508,10 @@ fn other_uid_is_refused() {
         &dir.runtime_dir(),
         &["apply", &pid, public.to_str().unwrap()],
     );
-    out.expect(1, "permission denied");
+    out.expect(refusal_code("bad_request"), "permission denied");
     eprintln!("other uid, open socket: {}", out.stderr.trim());
-    kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid]).expect(1, "own user or root");
+    kgpatch_as_nobody(&dir.runtime_dir(), &["status", &pid])
+        .expect(refusal_code("bad_request"), "own user or root");
     assert_untouched(
         "other uid (peer check)",
         &mut t,

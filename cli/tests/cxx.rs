@@ -54,7 +54,14 @@ fn cxx_exceptions_and_pthread_cancel() {
     let tid = blocked_tid(&t.wait_line("BLOCKED", Duration::from_secs(5)));
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "30s",
+            "--json",
+        ],
     );
     wait_busy(&t, tid);
     std::thread::sleep(Duration::from_millis(100));

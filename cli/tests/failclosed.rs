@@ -60,7 +60,14 @@ fn fd_exhaustion_during_a_transition_never_skips_a_thread() {
     let pid = t.pid_arg();
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "4s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "4s",
+            "--json",
+        ],
     );
     wait_busy(&t, tid);
     // Every descriptor taken for 1.5 s: each of the agent's /proc reads fails meanwhile.
@@ -151,7 +158,14 @@ fn pthread_exit_and_cancel_under_the_preload() {
     let pid = t.pid_arg();
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "60s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "60s",
+            "--json",
+        ],
     );
     wait_busy(&t, tid);
     t.send("exitcancel 300");
@@ -208,7 +222,14 @@ fn unwind_data_is_pinned_for_the_transition_and_released_after() {
     let pid = t.pid_arg();
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "60s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "60s",
+            "--json",
+        ],
     );
     wait_busy(&t, tid);
     t.send("dlclose");

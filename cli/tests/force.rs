@@ -112,5 +112,6 @@ fn force_names_the_threads_that_block_the_migration_signal() {
     assert!(t.alive());
 
     // A force with nothing pending is refused with one sentence.
-    t.kg(&["force", &pid]).expect_code(1);
+    t.kg(&["force", &pid])
+        .expect_code(refusal_code("no_transition"));
 }

@@ -40,7 +40,14 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "30s",
+            "--json",
+        ],
     );
     let (_, depth) = wait_busy(&t, tid);
     assert!(depth >= 2, "{name}: depth {depth}");
@@ -58,7 +65,10 @@ fn patch_revert_and_block(name: &str, flags: &[&str], frame_pointer: bool) {
     // And back, blocked by the new body this time.
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    let revert = background(&t, &["revert", &pid, "fix-frames", "--timeout", "30s"]);
+    let revert = background(
+        &t,
+        &["revert", &pid, "fix-frames", "--timeout", "30s", "--json"],
+    );
     wait_blocked_in_parked_fn(&t, tid);
     t.send("unpark");
     assert_eq!(

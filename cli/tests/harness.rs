@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kgpatch_protocol::Status;
+use kgpatch_protocol::{CommandError, Outcome, OutcomeKind, Status, StatusOutput};
 
 /// The `kgpatch` binary under test.
 pub fn kgpatch_exe() -> &'static Path {
@@ -213,6 +213,46 @@ impl Out {
         format!("{}{}", self.stdout, self.stderr)
     }
 
+    /// Its stdout as `--json` output (a status or an error), parsed; panics if it is not.
+    #[track_caller]
+    pub fn json(&self) -> StatusOutput {
+        StatusOutput::parse(&self.stdout).unwrap_or_else(|e| panic!("{e}\n{self}"))
+    }
+
+    /// The outcome of the transition an `apply`/`revert --json` waited for.
+    #[track_caller]
+    pub fn outcome(&self) -> Outcome {
+        self.json()
+            .outcome()
+            .cloned()
+            .unwrap_or_else(|| panic!("no outcome in the JSON:\n{self}"))
+    }
+
+    /// The error a `--json` command failed with.
+    #[track_caller]
+    pub fn error(&self) -> CommandError {
+        self.json()
+            .error()
+            .cloned()
+            .unwrap_or_else(|| panic!("no error in the JSON:\n{self}"))
+    }
+
+    /// Panics unless the command failed with class `kind` (a name of the protocol's
+    /// `ErrorKind`, or `failed` for a local failure): the exit code is that class's documented code, the `--json` error names
+    /// the class and its code, and the output holds `needle`.
+    #[track_caller]
+    pub fn expect_refused(&self, kind: &str, needle: &str) -> &Out {
+        let code = refusal_code(kind);
+        self.expect(code, needle);
+        let e = self.error();
+        assert_eq!(
+            (e.kind.as_str(), i32::from(e.exit_code)),
+            (kind, code),
+            "{self}"
+        );
+        self
+    }
+
     /// Panics unless the exit code is `code`.
     #[track_caller]
     pub fn expect_code(&self, code: i32) -> &Out {
@@ -229,6 +269,23 @@ impl Out {
             "output lacks {needle:?}:\n{self}"
         );
         self
+    }
+}
+
+/// The exit code the CLI documents for a refusal of class `kind` (its `//!` table; an
+/// independent copy, so a change of the policy fails here).
+#[track_caller]
+pub fn refusal_code(kind: &str) -> i32 {
+    match kind {
+        "internal" | "failed" => 1,
+        "busy" => 5,
+        "bad_module" => 6,
+        "unpatchable" => 7,
+        "vetoed" => 8,
+        "no_such_patch" => 9,
+        "no_transition" => 10,
+        "bad_request" => 11,
+        other => panic!("no such error kind {other:?}"),
     }
 }
 
@@ -494,7 +551,8 @@ impl Target {
         kgpatch_cmd(&self.runtime_dir, args)
     }
 
-    /// `kgpatch apply <pid> <module> --timeout <timeout>`.
+    /// `kgpatch apply <pid> <module> --timeout <timeout> --json` (read it with
+    /// [`Out::outcome`] or [`Out::error`]).
     pub fn apply(&self, module: &Path, timeout: &str) -> Out {
         self.kg(&[
             "apply",
@@ -502,12 +560,20 @@ impl Target {
             module.to_str().unwrap(),
             "--timeout",
             timeout,
+            "--json",
         ])
     }
 
-    /// `kgpatch revert <pid> <patch> --timeout <timeout>`.
+    /// `kgpatch revert <pid> <patch> --timeout <timeout> --json`.
     pub fn revert(&self, patch: &str, timeout: &str) -> Out {
-        self.kg(&["revert", &self.pid_arg(), patch, "--timeout", timeout])
+        self.kg(&[
+            "revert",
+            &self.pid_arg(),
+            patch,
+            "--timeout",
+            timeout,
+            "--json",
+        ])
     }
 
     /// `kgpatch status --json`, parsed.
@@ -586,10 +652,11 @@ pub fn build_id(path: &Path) -> String {
         .to_string()
 }
 
-/// Exit code 0 and "completed" in the output.
+/// Exit code 0 and a completed outcome in the `--json` output.
 #[track_caller]
 pub fn expect_completed(out: &Out) {
-    out.expect(0, "completed");
+    out.expect_code(0);
+    assert_eq!(out.outcome().result, OutcomeKind::Completed, "{out}");
 }
 
 /// Builds `fixtures/target.c` (with `amb_a.c`, `amb_b.c`) into `dir/<name>` with `-O2 -g`
@@ -609,13 +676,10 @@ pub fn build_target(dir: &TempDir, name: &str, flags: &[&str]) -> PathBuf {
     exe
 }
 
-/// The milliseconds of "completed in N ms" / "reversed in N ms" in kgpatch's output.
+/// The milliseconds the transition of an `apply`/`revert --json` took, from its outcome.
 pub fn transition_ms(out: &Out) -> Option<u64> {
-    let text = out.text();
-    let i = text.find(" in ")?;
-    let rest = &text[i + 4..];
-    let end = rest.find(" ms")?;
-    rest[..end].trim().parse().ok()
+    let out = StatusOutput::parse(&out.stdout).ok()?;
+    out.outcome().map(|o| o.elapsed_ms)
 }
 
 /// Median, p90 and max of `v` (sorted in place).

@@ -195,7 +195,7 @@ fn patched_library_stays_mapped_until_revert() {
         "{st:#?}"
     );
     t.kg(&["unload", &t.pid_arg(), "fix-unload"])
-        .expect(1, "revert it first");
+        .expect(refusal_code("busy"), "revert it first");
 
     // The program holds its handle over the revert: its dlclose then unmaps the library.
     expect_completed(&t.revert("fix-unload", "30s"));
@@ -229,9 +229,10 @@ fn patched_library_stays_mapped_until_revert() {
     assert!(maps_file(t.pid(), &fix));
     let copy = dir.join("fix-unload-copy.so");
     std::fs::copy(&fix, &copy).unwrap();
-    t.apply(&copy, "30s").expect(1, "is still mapped");
+    t.apply(&copy, "30s")
+        .expect_refused("bad_module", "is still mapped");
     t.kg(&["unload", &t.pid_arg(), "no-such-patch"])
-        .expect(1, "no reverted module");
+        .expect(refusal_code("no_such_patch"), "no reverted module");
     // The explicit, loud unload.
     t.kg(&["unload", &t.pid_arg(), "fix-unload"])
         .expect(0, "WARNING");

@@ -91,7 +91,7 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     // 1. The deadline reverses the transition.
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    let apply = background(&t, &["apply", &pid, fix_s, "--timeout", "1s"]);
+    let apply = background(&t, &["apply", &pid, fix_s, "--timeout", "1s", "--json"]);
     let (_, depth) = wait_busy(&t, tid);
     assert!(
         depth >= 2,
@@ -154,7 +154,10 @@ fn parked_thread_blocks_until_deadline_force_or_leave() {
     // 3. A parked thread (now in the new body) holds the revert until it leaves.
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    let revert = background(&t, &["revert", &pid, "fix-parked", "--timeout", "30s"]);
+    let revert = background(
+        &t,
+        &["revert", &pid, "fix-parked", "--timeout", "30s", "--json"],
+    );
     wait_blocked_in_parked_fn(&t, tid);
     // Let the driver check the parked thread again a few times (each a failed attempt):
     // the revert must still wait.
@@ -195,7 +198,14 @@ fn status_names_the_blocking_function() {
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
     let apply = background(
         &t,
-        &["apply", &pid, fix.to_str().unwrap(), "--timeout", "30s"],
+        &[
+            "apply",
+            &pid,
+            fix.to_str().unwrap(),
+            "--timeout",
+            "30s",
+            "--json",
+        ],
     );
     let (function, _) = wait_busy(&t, tid);
     t.send("unpark");
@@ -207,7 +217,10 @@ fn status_names_the_blocking_function() {
     t.wait_line("UNPARKED", Duration::from_secs(5));
     t.send("park");
     let tid = parked_tid(&t.wait_line("PARKED", Duration::from_secs(5)));
-    let revert = background(&t, &["revert", &pid, "fix-named", "--timeout", "30s"]);
+    let revert = background(
+        &t,
+        &["revert", &pid, "fix-named", "--timeout", "30s", "--json"],
+    );
     let depth = wait_blocked_in_parked_fn(&t, tid);
     assert!(depth >= 2, "{depth}");
     t.send("unpark");

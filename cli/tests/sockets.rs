@@ -75,3 +75,41 @@ fn stale_sockets_are_removed_live_ones_kept() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// `status` (human and `--json`) and `ps` (human and `--json`) say the agent was preloaded,
+/// and since when (issue 11).
+#[test]
+fn status_and_ps_say_how_the_agent_came_in() {
+    use kgpatch_protocol::{AgentProcess, Origin};
+    let dir = TempDir::new("origin");
+    let exe = build_target(&dir, "target", &[]);
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let t = Spawn::new(&exe, &dir.runtime_dir()).arg("1").start();
+    let info = t.status().agent.expect("the agent says how it came in");
+    assert_eq!(info.origin, Origin::Preload);
+    let after_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        (before_ms..=after_ms).contains(&info.since_unix_ms),
+        "{before_ms} <= {} <= {after_ms}",
+        info.since_unix_ms
+    );
+    t.kg(&["status", &t.pid_arg()])
+        .expect(0, "preloaded since ");
+
+    let out = t.kg(&["ps", "--json"]);
+    out.expect_code(0);
+    let listed: Vec<AgentProcess> =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let me = listed
+        .iter()
+        .find(|p| p.pid == t.pid())
+        .unwrap_or_else(|| panic!("ps does not list the target:\n{out}"));
+    assert_eq!(me.agent, Some(info), "{out}");
+    t.kg(&["ps"]).expect(0, "preloaded since ");
+}

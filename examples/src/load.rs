@@ -95,26 +95,27 @@ impl LoadConfig {
     }
 }
 
-/// Latency percentiles in microseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Latency percentiles in microseconds. As JSON: `{"p50":..,"p99":..,"p99.9":..,"max":..}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Latency {
     /// Median.
+    #[serde(rename = "p50")]
     pub p50_us: u64,
     /// 99th percentile.
+    #[serde(rename = "p99")]
     pub p99_us: u64,
     /// 99.9th percentile.
+    #[serde(rename = "p99.9")]
     pub p999_us: u64,
     /// Slowest request.
+    #[serde(rename = "max")]
     pub max_us: u64,
 }
 
 impl Latency {
     /// `{"p50":..,"p99":..,"p99.9":..,"max":..}` (microseconds).
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"p50\":{},\"p99\":{},\"p99.9\":{},\"max\":{}}}",
-            self.p50_us, self.p99_us, self.p999_us, self.max_us
-        )
+        serde_json::to_string(self).expect("plain numbers serialise")
     }
 
     /// Percentiles of `samples` (microseconds; sorted in place). Nearest-rank method.
@@ -178,41 +179,46 @@ impl LoadReport {
         }
     }
 
-    /// One JSON object (stable keys, for scripts).
+    /// One JSON object (stable keys, for scripts): `requests`, `failures`, `connections`,
+    /// `elapsed_s` (to the millisecond), `throughput_rps` (to 0.1), `latency_us`,
+    /// `failure_samples`, `phases` (each `requests`, `failures`, `latency_us`).
     pub fn to_json(&self) -> String {
-        let samples: Vec<String> = self
-            .failure_samples
-            .iter()
-            .map(|s| json_string(s))
-            .collect();
-        let phases: Vec<String> = self
-            .phases
-            .iter()
-            .map(|p| {
-                format!(
-                    "{{\"requests\":{},\"failures\":{},\"latency_us\":{}}}",
-                    p.requests,
-                    p.failures,
-                    p.latency.to_json()
-                )
-            })
-            .collect();
-        format!(
-            "{{\"requests\":{},\"failures\":{},\"connections\":{},\"elapsed_s\":{:.3},\
-             \"throughput_rps\":{:.1},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p99.9\":{},\
-             \"max\":{}}},\"failure_samples\":[{}],\"phases\":[{}]}}",
-            self.requests,
-            self.failures,
-            self.connections,
-            self.elapsed.as_secs_f64(),
-            self.throughput(),
-            self.latency.p50_us,
-            self.latency.p99_us,
-            self.latency.p999_us,
-            self.latency.max_us,
-            samples.join(","),
-            phases.join(",")
-        )
+        #[derive(serde::Serialize)]
+        struct Phase {
+            requests: u64,
+            failures: u64,
+            latency_us: Latency,
+        }
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            requests: u64,
+            failures: u64,
+            connections: usize,
+            elapsed_s: f64,
+            throughput_rps: f64,
+            latency_us: Latency,
+            failure_samples: &'a [String],
+            phases: Vec<Phase>,
+        }
+        let report = Report {
+            requests: self.requests,
+            failures: self.failures,
+            connections: self.connections,
+            elapsed_s: (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            throughput_rps: (self.throughput() * 10.0).round() / 10.0,
+            latency_us: self.latency,
+            failure_samples: &self.failure_samples,
+            phases: self
+                .phases
+                .iter()
+                .map(|p| Phase {
+                    requests: p.requests,
+                    failures: p.failures,
+                    latency_us: p.latency,
+                })
+                .collect(),
+        };
+        serde_json::to_string(&report).expect("numbers and strings serialise")
     }
 }
 
@@ -251,21 +257,6 @@ impl fmt::Display for LoadReport {
         }
         Ok(())
     }
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Runs the load for `cfg.duration` and reports.
@@ -677,15 +668,26 @@ mod unit {
     }
 
     #[test]
-    fn json_is_escaped() {
+    fn json_is_escaped_and_keeps_its_keys() {
         let r = LoadReport {
-            failure_samples: vec!["GET \"k\"\n".into()],
+            failure_samples: vec!["GET \"k\"\n\u{1}".into()],
+            requests: 7,
+            elapsed: Duration::from_micros(1_234_567),
+            latency: Latency {
+                p50_us: 1,
+                p99_us: 2,
+                p999_us: 3,
+                max_us: 4,
+            },
+            phases: vec![PhaseReport::default()],
             ..LoadReport::default()
         };
-        assert!(
-            r.to_json().contains(r#""GET \"k\"\u000a""#),
-            "{}",
-            r.to_json()
-        );
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["failure_samples"][0], "GET \"k\"\n\u{1}");
+        assert_eq!(v["requests"], 7);
+        assert_eq!(v["elapsed_s"], 1.235);
+        assert_eq!(v["latency_us"]["p99.9"], 3);
+        assert_eq!(v["latency_us"]["max"], 4);
+        assert_eq!(v["phases"][0]["latency_us"]["p50"], 0);
     }
 }

@@ -3,8 +3,8 @@
 //! directory for the agent's socket, and [`PatchableServer`], a [`DemoServer`] started with
 //! both.
 //!
-//! This crate does not link kgpatch: it finds the built binaries next to the running
-//! executable. A test or bench binary lives in `<target-dir>/<profile>/deps/`, a binary in
+//! This crate does not link the agent (only `kgpatch-protocol`, to read `--json` output
+//! into its types): it finds the built binaries next to the running executable. A test or bench binary lives in `<target-dir>/<profile>/deps/`, a binary in
 //! `<target-dir>/<profile>/`; the tools are `<target-dir>/<profile>/kgpatch` and
 //! `<target-dir>/<profile>/libkgpatch_agent.so`. Under cargo (`$CARGO` set, as in `cargo
 //! test`/`cargo bench`) [`Tools::get`] runs `$CARGO build -p kgpatch-agent -p kgpatch-cli`
@@ -21,13 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kgpatch_protocol::{Outcome, StatusOutput};
+
 use crate::{patch_path, DemoServer, Error, Patch, ServerOptions, Variant};
 
 /// Exit codes of `kgpatch` (its documented policy).
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
-    /// The agent refused, or the operation failed; the target is as it was.
+    /// The operation failed (an agent's internal error, a local failure).
     pub const FAILED: i32 = 1;
     /// Bad usage.
     pub const USAGE: i32 = 2;
@@ -35,6 +37,20 @@ pub mod exit {
     pub const UNREACHABLE: i32 = 3;
     /// The transition did not complete (reversed, or left pending).
     pub const INCOMPLETE: i32 = 4;
+    /// Refused: another transition is in progress.
+    pub const BUSY: i32 = 5;
+    /// Refused: the patch module is unusable (format, target, symbols, checksums).
+    pub const BAD_MODULE: i32 = 6;
+    /// Refused: a function cannot be patched.
+    pub const UNPATCHABLE: i32 = 7;
+    /// Refused: the module's callback vetoed.
+    pub const VETOED: i32 = 8;
+    /// Refused: no such patch, or not on top of the stack.
+    pub const NO_SUCH_PATCH: i32 = 9;
+    /// Refused: no transition is in progress.
+    pub const NO_TRANSITION: i32 = 10;
+    /// Refused: the request itself (protocol version, or a user that may not control it).
+    pub const BAD_REQUEST: i32 = 11;
 }
 
 /// The built `kgpatch` CLI and agent library.
@@ -220,23 +236,21 @@ impl KgpatchRun {
         self.code == Some(exit::OK)
     }
 
-    /// The transition time `kgpatch apply`/`revert` reported ("... completed in N ms", or
-    /// "reversed in N ms"), in milliseconds; µs and s units are converted.
+    /// Its stdout as `--json` output (a status, or the error the command failed with).
+    pub fn json(&self) -> Result<StatusOutput, String> {
+        StatusOutput::parse(&self.stdout)
+    }
+
+    /// How the transition of an `apply`/`revert` (run with `--json`, as
+    /// [`PatchableServer::apply`] and [`PatchableServer::revert`] do) ended.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.json().ok()?.outcome().cloned()
+    }
+
+    /// The transition time `kgpatch apply`/`revert --json` reported, in milliseconds (to the
+    /// microsecond).
     pub fn transition_ms(&self) -> Option<f64> {
-        let line = self
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("transition ") && l.contains(" in "))?;
-        let rest = &line[line.find(" in ")? + 4..];
-        let mut words = rest.split_whitespace();
-        let n: f64 = words.next()?.parse().ok()?;
-        let unit = words.next()?.trim_end_matches(':');
-        match unit {
-            "ms" => Some(n),
-            "µs" | "us" => Some(n / 1000.0),
-            "s" => Some(n * 1000.0),
-            _ => None,
-        }
+        self.outcome().map(|o| o.elapsed_ms_f64())
     }
 }
 
@@ -343,19 +357,25 @@ impl PatchableServer {
         ))
     }
 
-    /// `kgpatch apply <pid> <module of patch for this variant> [extra...]`.
+    /// `kgpatch apply <pid> <module of patch for this variant> --json [extra...]` (read it
+    /// with [`KgpatchRun::outcome`]).
     pub fn apply(&self, patch: Patch, extra: &[&str]) -> Result<KgpatchRun, Error> {
         let module = patch_path(patch, self.variant());
         let pid = self.pid().to_string();
-        let mut args: Vec<&OsStr> = vec![OsStr::new("apply"), OsStr::new(&pid), module.as_os_str()];
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("apply"),
+            OsStr::new(&pid),
+            module.as_os_str(),
+            OsStr::new("--json"),
+        ];
         args.extend(extra.iter().map(OsStr::new));
         self.kgpatch(&args)
     }
 
-    /// `kgpatch revert <pid> <name> [extra...]`.
+    /// `kgpatch revert <pid> <name> --json [extra...]`.
     pub fn revert(&self, name: &str, extra: &[&str]) -> Result<KgpatchRun, Error> {
         let pid = self.pid().to_string();
-        let mut args = vec!["revert", &pid, name];
+        let mut args = vec!["revert", &pid, name, "--json"];
         args.extend_from_slice(extra);
         self.kgpatch(&args)
     }
@@ -396,11 +416,23 @@ mod unit {
     }
 
     #[test]
-    fn transition_time_from_the_outcome_line() {
-        let r = run("transition 3 (apply fix-incr) completed in 12 ms: patch fix-incr applied\n");
+    fn transition_time_from_the_json_outcome() {
+        let status = |us: u64, result: &str| {
+            format!(
+                "{{\"pid\":1,\"agent_version\":\"0\",\"patches\":[],\"transition\":null,\
+                 \"last\":{{\"t\":3,\"kind\":\"apply\",\"patch\":\"fix-incr\",\
+                 \"result\":\"{result}\",\"elapsed_ms\":{},\"elapsed_us\":{us},\"message\":\"m\"}}}}",
+                us / 1000
+            )
+        };
+        let r = run(&status(12_000, "completed"));
         assert_eq!(r.transition_ms(), Some(12.0));
-        let r = run("x\ntransition 4 (revert a) reversed in 850 µs: the deadline passed\n");
+        let r = run(&status(850, "reversed"));
         assert_eq!(r.transition_ms(), Some(0.85));
-        assert_eq!(run("no transition here").transition_ms(), None);
+        assert_eq!(
+            r.outcome().map(|o| o.result),
+            Some(kgpatch_protocol::OutcomeKind::Reversed)
+        );
+        assert_eq!(run("transition 3 completed in 12 ms").transition_ms(), None);
     }
 }

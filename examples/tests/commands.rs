@@ -6,6 +6,31 @@ use kgpatch_examples::{server_path, DemoServer, ServerOptions, Variant};
 
 use crate::start;
 
+/// Waits until `cond` holds, polling every 10 ms, for at most `deadline` (generous: the
+/// machine may be loaded); panics with `what` if it never does.
+fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "{what} (waited {deadline:?})");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `true` if the thread of `srv` named `name` is blocked in `nanosleep` or
+/// `clock_nanosleep` (`/proc/<pid>/task/<tid>/syscall`), as a worker parked in `SLOW` is.
+fn sleeping_in_nanosleep(srv: &DemoServer, name: &str) -> bool {
+    let Some((tid, _)) = srv.threads().unwrap().into_iter().find(|(_, n)| n == name) else {
+        return false;
+    };
+    let syscall = std::fs::read_to_string(format!("/proc/{}/task/{tid}/syscall", srv.pid()))
+        .unwrap_or_default();
+    let nr = syscall
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok());
+    nr == Some(libc::SYS_nanosleep) || nr == Some(libc::SYS_clock_nanosleep)
+}
+
 /// The milliseconds in a `SLEPT <ms>` answer (the time actually slept).
 fn slept_ms(answer: &str) -> u64 {
     answer
@@ -106,20 +131,17 @@ fn threads_are_named() {
     );
     let stats = srv.stats().unwrap();
     assert_eq!(stats.counter("threads"), 8);
-    // the background threads are alive: the flusher wakes every 100 ms, the ticker every 50
-    std::thread::sleep(Duration::from_millis(350));
-    let later = srv.stats().unwrap();
-    assert!(
-        later.counter("flushes") >= stats.counter("flushes") + 2,
-        "{later:?}"
-    );
-    assert!(
-        later.counter("ticks") >= stats.counter("ticks") + 4,
-        "{later:?}"
-    );
-    assert!(
-        later.counter("compactions") > stats.counter("compactions"),
-        "{later:?}"
+    // The background threads are alive: each one's counter moves on (the flusher wakes every
+    // 100 ms, the ticker every 50, the compactor in bursts). Wait for that, not for a time.
+    wait_for(
+        Duration::from_secs(30),
+        "a background thread's counter never moved",
+        || {
+            let later = srv.stats().unwrap();
+            later.counter("flushes") >= stats.counter("flushes") + 2
+                && later.counter("ticks") >= stats.counter("ticks") + 4
+                && later.counter("compactions") > stats.counter("compactions")
+        },
     );
 }
 
@@ -130,22 +152,34 @@ fn slow_parks_one_worker_while_others_serve() {
     let mut parked = srv.connect().unwrap();
     let mut other = srv.connect().unwrap();
     assert_eq!(other.request("PING").unwrap(), "PONG");
-    let t0 = Instant::now();
-    parked.send("SLOW 400").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // Park worker 0 for a minute (the server is killed when the test ends) and wait until it
+    // sleeps: then every answer on the other connection came from worker 1 meanwhile.
+    parked.send("SLOW 60000").unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "worker 0 never parked in SLOW",
+        || sleeping_in_nanosleep(&srv, "kv-worker-0"),
+    );
     for _ in 0..20 {
         assert_eq!(other.request("PING").unwrap(), "PONG");
     }
     assert!(
-        t0.elapsed() < Duration::from_millis(400),
-        "the other worker answered meanwhile"
+        sleeping_in_nanosleep(&srv, "kv-worker-0"),
+        "worker 0 is still parked: the other worker answered meanwhile"
     );
-    let slept = parked.read_line().unwrap();
-    assert!(slept_ms(&slept) >= 400, "{slept}");
+    parked.set_timeout(Some(Duration::from_millis(20))).unwrap();
+    assert!(
+        parked.read_line().is_err(),
+        "the parked request has not answered"
+    );
+    // SLOW sleeps at least what it says (on worker 1: worker 0 is parked).
+    let t0 = Instant::now();
+    let slept = other.request("SLOW 200").unwrap();
+    assert!(slept_ms(&slept) >= 200, "{slept}");
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took >= Duration::from_millis(200), "{took:?}");
     assert_eq!(
-        srv.request("SLOW 600001").unwrap(),
+        other.request("SLOW 600001").unwrap(),
         "ERR usage: SLOW <ms> (at most 600000)"
     );
 }
@@ -170,11 +204,16 @@ fn shutdown_command_and_sigterm_exit_cleanly() {
     // a thread parked in SLOW does not hold shutdown up either
     let mut parked = srv.connect().unwrap();
     parked.send("SLOW 60000").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    wait_for(
+        Duration::from_secs(30),
+        "worker 0 never parked in SLOW",
+        || sleeping_in_nanosleep(&srv, "kv-worker-0"),
+    );
     let t0 = Instant::now();
     let status = srv.terminate().unwrap();
     assert!(status.success(), "{status}");
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // Far below the 60 s the parked worker would hold it, far above any scheduling delay.
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use kgpatch_examples::load::{self, IncrSign, LoadConfig, LoadReport};
 use kgpatch_examples::tools::{exit, KgpatchRun, PatchableServer};
 use kgpatch_examples::{patch_path, server_path, Patch, ServerOptions, Variant};
+use kgpatch_protocol::{BlockerInfo, Kind, OutcomeKind, Status, TransitionInfo};
 
 // ---- helpers ------------------------------------------------------------------------------
 
@@ -93,18 +94,19 @@ fn incr_minus_five_on_every_worker(srv: &PatchableServer, workers: usize) -> Vec
         .collect()
 }
 
-fn status(srv: &PatchableServer) -> serde_json::Value {
+/// `kgpatch status --json`, read into the protocol's type.
+fn status(srv: &PatchableServer) -> Status {
     let run = must(srv.status_json().unwrap());
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
 }
 
 fn patch_names(srv: &PatchableServer) -> Vec<String> {
-    status(srv)["patches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_string())
-        .collect()
+    status(srv).patches.into_iter().map(|p| p.name).collect()
+}
+
+/// How the last transition ended.
+fn last_result(srv: &PatchableServer) -> Option<OutcomeKind> {
+    status(srv).last.map(|o| o.result)
 }
 
 /// Median, p90 and max of transition times in ms.
@@ -151,8 +153,10 @@ fn fix_incr_applies_and_reverts_under_load() {
 
     bg.next_phase(); // 1: applying
     let apply = must(srv.apply(Patch::FixIncr, &["--timeout", "10s"]).unwrap());
-    assert!(
-        apply.stdout.contains("(apply fix-incr) completed"),
+    let outcome = apply.outcome().unwrap_or_else(|| panic!("{apply}"));
+    assert_eq!(
+        (outcome.kind, outcome.patch.as_str(), outcome.result),
+        (Kind::Apply, "fix-incr", OutcomeKind::Completed),
         "{apply}"
     );
     bg.next_phase(); // 2: applied
@@ -175,8 +179,10 @@ fn fix_incr_applies_and_reverts_under_load() {
 
     bg.next_phase(); // 3: reverting
     let revert = must(srv.revert("fix-incr", &["--timeout", "10s"]).unwrap());
-    assert!(
-        revert.stdout.contains("(revert fix-incr) completed"),
+    let outcome = revert.outcome().unwrap_or_else(|| panic!("{revert}"));
+    assert_eq!(
+        (outcome.kind, outcome.patch.as_str(), outcome.result),
+        (Kind::Revert, "fix-incr", OutcomeKind::Completed),
         "{revert}"
     );
     bg.next_phase(); // 4: reverted
@@ -319,7 +325,15 @@ fn stacked_patches_come_out_in_order() {
         );
         assert_eq!(srv.stats().unwrap().get("codec"), Some("2"));
         let out_of_order = srv.revert("codec-v2", &[]).unwrap();
-        assert_eq!(out_of_order.code, Some(exit::FAILED), "{out_of_order}");
+        assert_eq!(
+            out_of_order.code,
+            Some(exit::NO_SUCH_PATCH),
+            "{out_of_order}"
+        );
+        assert_eq!(
+            out_of_order.json().unwrap().error().unwrap().kind,
+            "no_such_patch"
+        );
         assert!(out_of_order.stderr.contains("not on top"), "{out_of_order}");
         must(srv.revert("codec-pair-only", &[]).unwrap());
         assert_eq!(
@@ -354,20 +368,19 @@ struct Parked {
     tid: u64,
     name: String,
     function: String,
-    transition: serde_json::Value,
+    transition: TransitionInfo,
 }
 
 fn parked_blocker(srv: &PatchableServer) -> Option<Parked> {
-    let s = status(srv);
-    let tr = s.get("transition")?;
-    tr["pending"].as_array()?.iter().find_map(|th| {
-        let b = th.get("blocker")?;
-        (b["kind"] == "busy").then(|| Parked {
-            tid: th["tid"].as_u64().unwrap(),
-            name: th["name"].as_str().unwrap().to_string(),
-            function: b["function"].as_str().unwrap().to_string(),
+    let tr = status(srv).transition?;
+    tr.pending.iter().find_map(|th| match &th.blocker {
+        Some(BlockerInfo::Busy { function, .. }) => Some(Parked {
+            tid: u64::from(th.tid),
+            name: th.name.clone(),
+            function: function.clone(),
             transition: tr.clone(),
-        })
+        }),
+        _ => None,
     })
 }
 
@@ -377,14 +390,14 @@ fn wait_for_parked(srv: &PatchableServer, within: Duration, sole: bool) -> Parke
     let deadline = Instant::now() + within;
     loop {
         if let Some(found) = parked_blocker(srv) {
-            let pending = found.transition["pending"].as_array().map_or(0, Vec::len);
+            let pending = found.transition.pending.len();
             if !sole || pending == 1 {
                 return found;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "status never showed a thread blocked by a busy frame (sole={sole}): {}",
+            "status never showed a thread blocked by a busy frame (sole={sole}): {:?}",
             status(srv)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -418,10 +431,10 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     assert_eq!(
         (first.tid, first.name.as_str()),
         (worker0, "kv-worker-0"),
-        "{tr}"
+        "{tr:?}"
     );
-    assert_eq!(tr["patch"], "slow-path");
-    assert_eq!(tr["kind"], "apply");
+    assert_eq!(tr.patch, "slow-path");
+    assert_eq!(tr.kind, Kind::Apply);
     // the other worker serves meanwhile
     assert_eq!(srv.request("PING").unwrap(), "PONG");
     let run = srv.wait(child, &args).unwrap();
@@ -429,7 +442,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     assert!(run.stdout.contains("reversed"), "{run}");
     assert!(t0.elapsed() >= Duration::from_secs(1), "{run}");
     assert!(patch_names(&srv).is_empty());
-    assert_eq!(status(&srv)["last"]["result"], "reversed");
+    assert_eq!(last_result(&srv), Some(OutcomeKind::Reversed));
 
     // 2. --keep-pending leaves it pending past the deadline; force completes it
     let args = [
@@ -448,10 +461,10 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     std::thread::sleep(Duration::from_millis(500));
     let second = parked_blocker(&srv).expect("still pending after the deadline");
     let tr = &second.transition;
-    assert_eq!(second.tid, worker0, "{tr}");
-    assert_eq!(tr["remaining_ms"], 0, "{tr}");
-    assert_eq!(tr["reversed"], false, "{tr}");
-    assert_eq!(tr["left_pending"], true, "{tr}");
+    assert_eq!(second.tid, worker0, "{tr:?}");
+    assert_eq!(tr.remaining_ms, 0, "{tr:?}");
+    assert!(!tr.reversed, "{tr:?}");
+    assert!(tr.left_pending, "{tr:?}");
     // the waiting apply returns at its deadline, saying the transition is left pending
     let run = srv.wait(child, &args).unwrap();
     assert_eq!(run.code, Some(exit::INCOMPLETE), "{run}");
@@ -462,7 +475,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     while patch_names(&srv).is_empty() && std::time::Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(status(&srv)["last"]["result"], "completed");
+    assert_eq!(last_result(&srv), Some(OutcomeKind::Completed));
     assert_eq!(patch_names(&srv), ["slow-path"]);
 
     // the parked request finishes normally in the old body; new calls run the new one
@@ -488,7 +501,7 @@ fn parked_thread_blocks_until_deadline_then_force_completes() {
     for p in [&first, &second] {
         assert!(
             p.function == "kv_slow_path",
-            "status names the function that blocks the thread: {}",
+            "status names the function that blocks the thread: {:?}",
             p.transition
         );
     }
@@ -629,10 +642,20 @@ fn wrong_target_modules_are_refused() {
         let threads = srv.threads().unwrap().len();
 
         let run = srv.apply(Patch::WrongTarget, &[]).unwrap();
-        assert_eq!(run.code, Some(exit::FAILED), "{}: {run}", variant.name());
+        assert_eq!(
+            run.code,
+            Some(exit::BAD_MODULE),
+            "{}: {run}",
+            variant.name()
+        );
         assert!(run.stderr.contains("build-id"), "{run}");
         let run = srv.apply(Patch::MissingLibrary, &[]).unwrap();
-        assert_eq!(run.code, Some(exit::FAILED), "{}: {run}", variant.name());
+        assert_eq!(
+            run.code,
+            Some(exit::BAD_MODULE),
+            "{}: {run}",
+            variant.name()
+        );
         assert!(run.stderr.contains("libkvmissing.so.1"), "{run}");
         println!("{}: {}", variant.name(), run.stderr.trim_end());
 
@@ -641,7 +664,7 @@ fn wrong_target_modules_are_refused() {
         assert_eq!(srv.request("PING").unwrap(), "PONG");
         assert_eq!(incr_minus_five(&srv), 5, "still the original code");
         assert!(patch_names(&srv).is_empty());
-        assert!(status(&srv)["transition"].is_null());
+        assert!(status(&srv).transition.is_none());
         assert_eq!(srv.threads().unwrap().len(), threads);
         // and the right module still applies afterwards
         must(srv.apply(Patch::FixIncr, &[]).unwrap());

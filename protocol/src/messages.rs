@@ -297,6 +297,62 @@ pub struct CommandError {
     pub exit_code: u8,
 }
 
+/// What `kgpatch apply`, `revert` and `status` print on stdout with `--json`: the final
+/// status, or the error the command failed with. Tests and scripts parse it with
+/// [`StatusOutput::parse`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StatusOutput {
+    /// The command failed: `{"error": {...}}`.
+    Failed {
+        /// What failed.
+        error: CommandError,
+    },
+    /// The agent's status after the command (for `apply`/`revert`: after the transition
+    /// ended or was left pending).
+    Status(Box<Status>),
+}
+
+impl StatusOutput {
+    /// Parses a command's stdout; the error names what was not understood.
+    pub fn parse(stdout: &str) -> Result<StatusOutput, String> {
+        serde_json::from_str(stdout)
+            .map_err(|e| format!("not the JSON of a kgpatch status or error ({e}): {stdout:?}"))
+    }
+
+    /// The status, if the command printed one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            StatusOutput::Status(s) => Some(s),
+            StatusOutput::Failed { .. } => None,
+        }
+    }
+
+    /// The error, if the command failed.
+    pub fn error(&self) -> Option<&CommandError> {
+        match self {
+            StatusOutput::Failed { error } => Some(error),
+            StatusOutput::Status(_) => None,
+        }
+    }
+
+    /// How the last transition ended (an `apply` or `revert` that waited: its own).
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.status()?.last.as_ref()
+    }
+}
+
+impl Outcome {
+    /// Its duration in milliseconds, to the microsecond when the agent measured it so.
+    pub fn elapsed_ms_f64(&self) -> f64 {
+        if self.elapsed_us > 0 {
+            self.elapsed_us as f64 / 1000.0
+        } else {
+            self.elapsed_ms as f64
+        }
+    }
+}
+
 /// One process of `kgpatch ps --json`: a process with an agent socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentProcess {
@@ -565,6 +621,20 @@ mod tests {
                 format!("\"{}\"", kind.as_str())
             );
         }
+    }
+
+    #[test]
+    fn command_output_is_a_status_or_an_error() {
+        let err = "{\"error\":{\"kind\":\"busy\",\"message\":\"m\",\"exit_code\":5}}";
+        let out = StatusOutput::parse(err).unwrap();
+        assert_eq!(out.error().map(|e| e.kind.as_str()), Some("busy"));
+        assert!(out.status().is_none());
+        let st = "{\"pid\":1,\"agent_version\":\"0\",\"patches\":[],\"transition\":null,\"last\":{\"t\":1,\"kind\":\"apply\",\"patch\":\"p\",\"result\":\"completed\",\"elapsed_ms\":2,\"elapsed_us\":2500,\"message\":\"ok\"}}";
+        let out = StatusOutput::parse(st).unwrap();
+        let o = out.outcome().expect("an outcome");
+        assert_eq!(o.result, OutcomeKind::Completed);
+        assert_eq!(o.elapsed_ms_f64(), 2.5);
+        assert!(StatusOutput::parse("transition 1 completed").is_err());
     }
 
     #[test]
