@@ -306,7 +306,12 @@ pub fn task_syscall(pid: Pid, tid: i32) -> Option<InSyscall> {
 /// The state letter of a `/proc/<pid>/task/<tid>/stat` line (the field after the
 /// parenthesised name, which may itself hold spaces and parentheses).
 pub fn parse_stat_state(text: &str) -> Option<char> {
-    text.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+    text.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// The state letter of thread `tid` of `pid` (`R`, `S`, `D`, `T`, `t`, `Z`, `X`...), from
@@ -638,7 +643,10 @@ x86_Thread_features_locked:\t
         assert_eq!(parse_syscall_args("running\n"), None);
         assert_eq!(parse_syscall_args("-1 0x7ffd0 0x401000"), None);
         assert_eq!(parse_syscall_args("7 0x1 0x2 0x7ffd0 0x401000"), None);
-        assert_eq!(parse_syscall_args("7 0x1 0x2 zz 0x0 0x0 0x0 0x7ffd0 0x401000"), None);
+        assert_eq!(
+            parse_syscall_args("7 0x1 0x2 zz 0x0 0x0 0x0 0x7ffd0 0x401000"),
+            None
+        );
     }
 
     #[test]
