@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kgpatch_sys::proc::{self, Pid, Status};
 use kgpatch_sys::ptrace::{self, ProcMem, Regs, Stop};
 
-use crate::target::{self, Doing, Libc, LibcProblem, Status};
+use crate::target::{self, Libc, LibcProblem};
 use crate::x86_64::{self as boot, off, state};
 use crate::{AttachError, AttachOptions, AttachReport, AGENT_FILE_NAME};
 
@@ -36,7 +37,7 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
                 syscall: None,
                 pause: Duration::ZERO,
                 total: t0.elapsed(),
-                threads: target::tasks(pid).map(|t| t.len()).unwrap_or(0),
+                threads: proc::tasks(Pid::Other(pid)).map(|t| t.len()).unwrap_or(0),
             })
         }
     };
@@ -77,7 +78,7 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
 }
 
 fn io_or_gone(pid: i32, what: &str, e: std::io::Error) -> AttachError {
-    if !Path::new(&format!("/proc/{pid}")).exists() || e.raw_os_error() == Some(libc::ESRCH) {
+    if !Path::new(&Pid::Other(pid).dir()).exists() || e.raw_os_error() == Some(libc::ESRCH) {
         return AttachError::TargetExited { pid };
     }
     AttachError::Io {
@@ -88,35 +89,29 @@ fn io_or_gone(pid: i32, what: &str, e: std::io::Error) -> AttachError {
 }
 
 fn precheck(pid: i32, opts: &AttachOptions) -> Result<Option<Prepared>, AttachError> {
-    let status = match Status::read(&format!("/proc/{pid}/status")) {
+    let status = match proc::status(Pid::Other(pid)) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(AttachError::NoSuchProcess { pid })
         }
         Err(e) => return Err(io_or_gone(pid, "reading its status", e)),
     };
-    if status
-        .field("State")
-        .is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
-    {
+    if status.exiting() {
         return Err(AttachError::TargetExited { pid });
     }
-    let tracer = status.num("TracerPid").unwrap_or(0);
+    let tracer = status.tracer_pid.unwrap_or(0);
     if tracer != 0 {
-        return Err(AttachError::AlreadyTraced {
-            pid,
-            tracer: tracer as i32,
-        });
+        return Err(AttachError::AlreadyTraced { pid, tracer });
     }
     permission(pid, &status)?;
-    let mode = status.num("Seccomp").unwrap_or(0);
+    let mode = status.seccomp.unwrap_or(0);
     if mode != 0 {
-        return Err(AttachError::Seccomp { pid, mode });
+        return Err(AttachError::Seccomp {
+            pid,
+            mode: mode.into(),
+        });
     }
-    if status
-        .field("x86_Thread_features")
-        .is_some_and(|f| f.contains("shstk"))
-    {
+    if status.shadow_stack == Some(true) {
         return Err(AttachError::ShadowStack { pid });
     }
     let agent = &opts.agent_path;
@@ -124,8 +119,8 @@ fn precheck(pid: i32, opts: &AttachOptions) -> Result<Option<Prepared>, AttachEr
     if !agent.is_absolute() || bytes.len() >= 4095 || bytes.contains(&0) {
         return Err(AttachError::BadAgentPath(agent.clone()));
     }
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let maps = target::maps(pid).map_err(|e| io_or_gone(pid, "reading its maps", e))?;
+    let root = PathBuf::from(format!("{}/root", Pid::Other(pid).dir()));
+    let maps = proc::maps(Pid::Other(pid)).map_err(|e| io_or_gone(pid, "reading its maps", e))?;
     let agent_name = agent.file_name();
     if maps.iter().any(|m| {
         let n = Path::new(&m.path).file_name();
@@ -162,7 +157,7 @@ fn precheck(pid: i32, opts: &AttachOptions) -> Result<Option<Prepared>, AttachEr
             LibcProblem::Parse(e) => format!("cannot parse its libc: {e}"),
         },
     })?;
-    let threads = target::tasks(pid)
+    let threads = proc::tasks(Pid::Other(pid))
         .map_err(|e| io_or_gone(pid, "listing its threads", e))?
         .len();
     Ok(Some(Prepared {
@@ -174,13 +169,13 @@ fn precheck(pid: i32, opts: &AttachOptions) -> Result<Option<Prepared>, AttachEr
 }
 
 fn permission(pid: i32, status: &Status) -> Result<(), AttachError> {
-    let me = Status::read("/proc/self/status").map_err(|e| AttachError::Io {
+    let me = proc::status(Pid::This).map_err(|e| AttachError::Io {
         pid,
         what: "reading /proc/self/status".into(),
         source: e,
     })?;
-    let cap = me.hex("CapEff").unwrap_or(0) & CAP_SYS_PTRACE != 0;
-    let my_uid = me.nums("Uid").get(1).copied().unwrap_or(u64::MAX);
+    let cap = me.cap_eff.unwrap_or(0) & CAP_SYS_PTRACE != 0;
+    let my_uid = me.uid.map_or(u32::MAX, |u| u[1]);
     let yama = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -198,8 +193,8 @@ fn permission(pid: i32, status: &Status) -> Result<(), AttachError> {
                 why: "Yama ptrace_scope is 2: only CAP_SYS_PTRACE may trace".into(),
             });
         }
-        let uids = status.nums("Uid");
-        if uids.iter().take(3).any(|&u| u != my_uid) {
+        let uids = status.uid.unwrap_or([u32::MAX; 4]);
+        if uids[..3].iter().any(|&u| u != my_uid) {
             return Err(AttachError::Permission {
                 pid,
                 why: format!("it runs as uid {uids:?} and we as uid {my_uid}"),
@@ -220,7 +215,7 @@ struct Held {
 }
 
 fn ptrace_err(pid: i32, e: ptrace::PtraceError) -> AttachError {
-    if e.is_gone() && !Path::new(&format!("/proc/{pid}")).exists() {
+    if e.is_gone() && !Path::new(&Pid::Other(pid).dir()).exists() {
         return AttachError::TargetExited { pid };
     }
     AttachError::Ptrace { pid, source: e }
@@ -232,25 +227,18 @@ fn in_ranges(ranges: &[(u64, u64)], pc: u64) -> bool {
 
 /// Thread `tid` of `pid` is gone, a zombie or dead.
 fn exiting(pid: i32, tid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_none_or(|st| st == "Z" || st == "X" || st == "x"),
-    }
+    !matches!(proc::task_state(Pid::Other(pid), tid), Ok(Some(st)) if !matches!(st, 'Z' | 'X' | 'x'))
 }
 
 fn rank(pid: i32, tid: i32) -> Option<u8> {
     // a thread in uninterruptible sleep would not stop in time
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    let st = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    if st != "S" && st != "R" {
+    let st = proc::task_state(Pid::Other(pid), tid).ok()??;
+    if st != 'S' && st != 'R' {
         return None;
     }
-    match target::doing(pid, tid) {
-        Doing::Syscall(nr, args) => target::syscall_rank(nr, args),
-        Doing::Other => Some(3),
+    match proc::task_syscall(Pid::Other(pid), tid) {
+        Some(s) => target::syscall_rank(s.nr, s.args),
+        None => Some(3),
     }
 }
 
@@ -259,7 +247,8 @@ fn rank(pid: i32, tid: i32) -> Option<u8> {
 fn borrow_thread(pid: i32, libc: &Libc, timeout: Duration) -> Result<Held, AttachError> {
     let stop_wait = timeout.min(Duration::from_secs(2));
     for round in 0..ROUNDS {
-        let tids = target::tasks(pid).map_err(|e| io_or_gone(pid, "listing its threads", e))?;
+        let tids =
+            proc::tasks(Pid::Other(pid)).map_err(|e| io_or_gone(pid, "listing its threads", e))?;
         if tids.is_empty() {
             return Err(AttachError::TargetExited { pid });
         }
@@ -328,7 +317,7 @@ fn borrow_thread(pid: i32, libc: &Libc, timeout: Duration) -> Result<Held, Attac
                     continue;
                 }
                 Stop::Exited(_) | Stop::Killed(_) => {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                    if !Path::new(&Pid::Other(pid).dir()).exists() {
                         return Err(AttachError::TargetExited { pid });
                     }
                     continue;
@@ -392,7 +381,7 @@ fn restore(pid: i32, h: &Held) -> Result<(), AttachError> {
         .and_then(|()| ptrace::set_sigmask(h.tid, h.mask))
         .and_then(|()| ptrace::detach(h.tid, 0));
     r.map_err(|e| {
-        if e.is_gone() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if e.is_gone() && !Path::new(&Pid::Other(pid).dir()).exists() {
             AttachError::TargetExited { pid }
         } else {
             AttachError::Damaged {
@@ -690,7 +679,7 @@ fn wait_answer(pid: i32, mem: &ProcMem, base: u64, t: Duration) -> Result<bool, 
 /// The stop-the-world baseline: seize and stop every thread but `except`; returns each
 /// stopped thread with the signal to hand back when it is let go.
 fn stop_others(pid: i32, except: i32, t: Duration) -> Vec<(i32, i32)> {
-    let tids = target::tasks(pid).unwrap_or_default();
+    let tids = proc::tasks(Pid::Other(pid)).unwrap_or_default();
     let mut seized = Vec::new();
     for tid in tids.into_iter().filter(|&x| x != except) {
         if ptrace::seize(tid, 0).is_ok() && ptrace::interrupt(tid).is_ok() {

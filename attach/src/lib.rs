@@ -265,7 +265,7 @@ pub const AGENT_FILE_NAME: &str = "libkgpatch_agent.so";
 
 /// True if `pid` has a file named [`AGENT_FILE_NAME`] mapped.
 pub fn agent_loaded(pid: i32) -> std::io::Result<bool> {
-    Ok(target::maps(pid)?
+    Ok(kgpatch_sys::proc::maps(kgpatch_sys::proc::Pid::Other(pid))?
         .iter()
         .any(|m| Path::new(&m.path).file_name().and_then(|n| n.to_str()) == Some(AGENT_FILE_NAME)))
 }

@@ -1,125 +1,9 @@
-//! What `/proc` says about the target: status fields, mappings, threads and what each one
-//! is doing, and libc's symbols read from the file the target mapped.
+//! How good a blocked thread is to borrow, and libc's symbols read from the file the
+//! target mapped. `/proc` itself is read through `kgpatch_sys::proc`.
 
 use std::path::{Path, PathBuf};
 
-/// One line of `/proc/<pid>/maps`.
-#[derive(Clone, Debug)]
-pub(crate) struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    pub perms: String,
-    pub offset: u64,
-    pub path: String,
-}
-
-pub(crate) fn maps(pid: i32) -> std::io::Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(_ino)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            continue;
-        };
-        let path = it.next().unwrap_or("").trim_start().to_string();
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end), Ok(offset)) = (
-            u64::from_str_radix(s, 16),
-            u64::from_str_radix(e, 16),
-            u64::from_str_radix(off, 16),
-        ) else {
-            continue;
-        };
-        out.push(Mapping {
-            start,
-            end,
-            perms: perms.to_string(),
-            offset,
-            path,
-        });
-    }
-    Ok(out)
-}
-
-/// The `Name:\tvalue` fields of `/proc/<pid>/status` (or a task's).
-pub(crate) struct Status(String);
-
-impl Status {
-    pub fn read(path: &str) -> std::io::Result<Status> {
-        std::fs::read_to_string(path).map(Status)
-    }
-    pub fn field(&self, name: &str) -> Option<&str> {
-        self.0.lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|r| r.strip_prefix(':'))
-                .map(str::trim)
-        })
-    }
-    pub fn hex(&self, name: &str) -> Option<u64> {
-        self.field(name)
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    }
-    pub fn num(&self, name: &str) -> Option<i64> {
-        self.field(name)
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    }
-    /// First numbers of a multi-number field (`Uid:` real, effective, saved, fs).
-    pub fn nums(&self, name: &str) -> Vec<u64> {
-        self.field(name)
-            .map(|v| {
-                v.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-/// What a thread is doing according to `/proc/<pid>/task/<tid>/syscall`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Doing {
-    /// Blocked in this syscall with these six arguments.
-    Syscall(i64, [u64; 6]),
-    /// Running, or blocked outside a syscall (page fault, stopped).
-    Other,
-}
-
-pub(crate) fn tasks(pid: i32) -> std::io::Result<Vec<i32>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(t) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            v.push(t);
-        }
-    }
-    v.sort_unstable();
-    Ok(v)
-}
-
-pub(crate) fn doing(pid: i32, tid: i32) -> Doing {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")) else {
-        return Doing::Other;
-    };
-    let mut it = text.split_whitespace();
-    let Some(nr) = it.next().and_then(|n| n.parse::<i64>().ok()) else {
-        return Doing::Other;
-    };
-    if nr < 0 {
-        return Doing::Other;
-    }
-    let mut args = [0u64; 6];
-    for a in &mut args {
-        *a = it
-            .next()
-            .and_then(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0);
-    }
-    Doing::Syscall(nr, args)
-}
+use kgpatch_sys::proc::Mapping;
 
 /// How good a thread in syscall `nr` (arguments `args`) is to borrow; `None`: never.
 ///
@@ -227,7 +111,7 @@ pub(crate) fn find_libc(maps: &[Mapping], root: &Path) -> Result<Libc, LibcProbl
         }
     };
     let mut gadget = None;
-    for m in mine.iter().filter(|m| m.perms.contains('x')) {
+    for m in mine.iter().filter(|m| m.exec) {
         let len = (m.end - m.start) as usize;
         let lo = m.offset as usize;
         let hi = (lo + len).min(data.len());

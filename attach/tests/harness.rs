@@ -6,6 +6,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kgpatch_sys::proc::{self, Mapping, Pid, Status};
 use kgpatch_sys::ptrace;
 
 pub fn dir() -> PathBuf {
@@ -105,11 +106,7 @@ impl Target {
         let pid = child.id() as i32;
         // let every thread reach its syscall
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .count()
-            < threads
-        {
+        while thread_count(pid) < threads {
             assert!(Instant::now() < deadline, "threads did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -164,41 +161,51 @@ impl Drop for Target {
     }
 }
 
+/// The signal fields of a thread's (or the process's) `/proc` status.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Signals {
+    pub blocked: Option<u64>,
+    pub ignored: Option<u64>,
+    pub caught: Option<u64>,
+    pub pending: Option<u64>,
+    pub shared_pending: Option<u64>,
+}
+
+impl Signals {
+    pub fn of(s: &Status) -> Signals {
+        Signals {
+            blocked: s.sig_blk,
+            ignored: s.sig_ign,
+            caught: s.sig_cgt,
+            pending: s.sig_pnd,
+            shared_pending: s.shd_pnd,
+        }
+    }
+}
+
+/// How many threads `pid` has now.
+pub fn thread_count(pid: i32) -> usize {
+    proc::tasks(Pid::Other(pid)).unwrap().len()
+}
+
 /// What must be the same before and after a refusal.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    pub maps: String,
+    pub maps: Vec<Mapping>,
     /// Per thread: SigBlk, SigIgn, SigCgt, SigPnd, ShdPnd.
-    pub signals: Vec<(i32, String)>,
+    pub signals: Vec<(i32, Signals)>,
     /// Per thread: rip, rsp, rbx, rbp, r12..r15, fs_base (threads asleep in nanosleep
     /// stay at the same place).
     pub regs: Vec<(i32, [u64; 9])>,
 }
 
-fn tids(pid: i32) -> Vec<i32> {
-    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    v
-}
-
 pub fn snapshot(pid: i32) -> Snapshot {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let maps = proc::maps(Pid::Other(pid)).unwrap();
     let mut signals = Vec::new();
     let mut regs = Vec::new();
-    for t in tids(pid) {
-        let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
-        let sig: Vec<&str> = st
-            .lines()
-            .filter(|l| {
-                ["SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd"]
-                    .iter()
-                    .any(|p| l.starts_with(p))
-            })
-            .collect();
-        signals.push((t, sig.join(" ")));
+    for t in proc::tasks(Pid::Other(pid)).unwrap() {
+        let st = proc::task_status(Pid::Other(pid), t).unwrap().unwrap();
+        signals.push((t, Signals::of(&st)));
         ptrace::seize(t, 0).unwrap();
         ptrace::interrupt(t).unwrap();
         let s = ptrace::wait_stop(t, Duration::from_secs(5)).unwrap();

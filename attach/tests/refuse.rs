@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kgpatch_attach::{attach, AttachError, AttachOptions};
+use kgpatch_sys::proc::{self, Pid};
 use kgpatch_sys::ptrace;
 
 use crate::harness::{fixtures, snapshot, Target};
@@ -164,12 +165,9 @@ fn zombie_target() {
     let pid = t.pid;
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     // not reaped yet: a zombie
-    assert!(crate::harness::eventually(5, || std::fs::read_to_string(
-        format!("/proc/{pid}/stat")
-    )
-    .is_ok_and(|s| s
-        .rsplit_once(')')
-        .is_some_and(|(_, r)| r.trim_start().starts_with('Z')))));
+    assert!(crate::harness::eventually(5, || {
+        proc::task_state(Pid::Other(pid), pid).is_ok_and(|s| s == Some('Z'))
+    }));
     let e = attach(pid, &opts()).unwrap_err();
     assert!(matches!(e, AttachError::TargetExited { .. }), "{e}");
     let _ = t.child.wait();
@@ -196,11 +194,7 @@ fn permission_child() {
 
 #[test]
 fn no_permission() {
-    if !std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    {
+    if proc::status(Pid::This).unwrap().uid.unwrap()[1] != 0 {
         eprintln!("SKIPPED no_permission: needs root to run the injector as another user");
         return;
     }

@@ -3,23 +3,16 @@
 use std::time::Duration;
 
 use kgpatch_attach::{attach, AttachOptions};
+use kgpatch_sys::proc::{self, Mapping, Pid};
 
-use crate::harness::{eventually, fixtures, runtime, Target};
+use crate::harness::{eventually, fixtures, runtime, thread_count, Signals, Target};
 
 /// Anonymous rwx mappings of the bootstrap's size (there must be none after an attach).
-fn bootstrap_mappings(pid: i32) -> Vec<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+fn bootstrap_mappings(pid: i32) -> Vec<Mapping> {
+    proc::maps(Pid::Other(pid))
         .unwrap()
-        .lines()
-        .filter(|l| {
-            let mut f = l.split_whitespace();
-            let range = f.next().unwrap();
-            let perms = f.next().unwrap();
-            let (s, e) = range.split_once('-').unwrap();
-            let len = u64::from_str_radix(e, 16).unwrap() - u64::from_str_radix(s, 16).unwrap();
-            perms.starts_with("rwx") && len == 0x10000 && l.split_whitespace().count() == 5
-        })
-        .map(str::to_string)
+        .into_iter()
+        .filter(|m| m.read && m.write && m.exec && m.end - m.start == 0x10000 && m.path.is_empty())
         .collect()
 }
 
@@ -57,10 +50,7 @@ fn attach_mode(
         bootstrap_mappings(t.pid)
     );
     assert!(
-        eventually(5, || std::fs::read_dir(format!("/proc/{}/task", t.pid))
-            .unwrap()
-            .count()
-            == threads),
+        eventually(5, || thread_count(t.pid) == threads),
         "bootstrap thread still there"
     );
     // let the borrowed thread finish a round or two
@@ -363,27 +353,13 @@ fn dispositions_unchanged_even_for_an_ignored_sigtrap() {
     let fx = fixtures();
     let rt = runtime("igntrap");
     let mut t = Target::start(&fx.target, "nanosleep", 3, &["igntrap"]);
-    let sig = |pid: i32| -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .filter(|l| {
-                ["SigIgn", "SigCgt", "SigBlk", "ShdPnd", "SigPnd"]
-                    .iter()
-                    .any(|p| l.starts_with(p))
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let sig = |pid: i32| Signals::of(&proc::status(Pid::Other(pid)).unwrap());
     let before = sig(t.pid);
-    let trap_ignored = |s: &str| {
-        s.split_whitespace()
-            .skip_while(|w| *w != "SigIgn:")
-            .nth(1)
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) != 0)
+    let trap_ignored = |s: &Signals| {
+        s.ignored
+            .is_some_and(|m| kgpatch_sys::signal::SigMask(m).has(libc::SIGTRAP))
     };
-    assert!(trap_ignored(&before), "{before}");
+    assert!(trap_ignored(&before), "{before:?}");
     let r = attach(t.pid, &opts(&rt)).unwrap();
     assert!(!r.already);
     assert!(eventually(5, || bootstrap_mappings(t.pid).is_empty()));

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kgpatch_sys::proc::{self, Pid};
+
 use crate::{server_path, sys, Client, Error, Stats, Variant};
 
 /// How to start a [`DemoServer`].
@@ -212,44 +214,45 @@ impl DemoServer {
         self.connect()?.stats()
     }
 
+    /// The server as `kgpatch_sys::proc` names it.
+    fn proc_pid(&self) -> Pid {
+        Pid::Other(self.pid as i32)
+    }
+
     /// The server's threads as `(tid, name)`, from `/proc/<pid>/task`, sorted by tid.
     pub fn threads(&self) -> Result<Vec<(i32, String)>, Error> {
         let err = |source| Error::Threads {
             pid: self.pid,
             source,
         };
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).map_err(err)? {
-            let entry = entry.map_err(err)?;
-            let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-                continue;
-            };
-            // a thread may exit between the listing and this read
-            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            out.push((tid, name.trim_end().to_string()));
-        }
-        out.sort();
-        Ok(out)
+        let pid = self.proc_pid();
+        let tids = proc::tasks(pid).map_err(err)?;
+        // a thread may exit between the listing and the read of its name
+        Ok(tids
+            .into_iter()
+            .map(|tid| (tid, proc::task_comm(pid, tid).unwrap_or_default()))
+            .collect())
     }
 
     /// The signals thread `tid` of the server blocks (`SigBlk` of its `/proc` status, bit
     /// `n - 1` for signal `n`).
     pub fn blocked_signals(&self, tid: i32) -> Result<u64, Error> {
-        let path = format!("/proc/{}/task/{tid}/status", self.pid);
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Threads {
+        let err = |kind, what: &str| Error::Threads {
             pid: self.pid,
-            source,
-        })?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("SigBlk:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-            .ok_or_else(|| Error::Threads {
+            source: std::io::Error::new(kind, format!("thread {tid}: {what}")),
+        };
+        let status = proc::task_status(self.proc_pid(), tid)
+            .map_err(|source| Error::Threads {
                 pid: self.pid,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("no SigBlk line in {path}"),
-                ),
-            })
+                source,
+            })?
+            .ok_or_else(|| err(std::io::ErrorKind::NotFound, "gone"))?;
+        status.sig_blk.ok_or_else(|| {
+            err(
+                std::io::ErrorKind::InvalidData,
+                "no SigBlk line in its status",
+            )
+        })
     }
 
     /// Sends `sig` to the whole process.

@@ -1,6 +1,6 @@
 //! The few system calls the helpers need that std does not wrap: sending a signal to a
-//! process or to one thread, the run-time value of `SIGRTMIN`, and a stop-flag handler for
-//! `SIGINT`/`SIGTERM`.
+//! process or to one thread (`tgkill` is kgpatch-sys's, re-exported), the run-time value of
+//! `SIGRTMIN`, and a stop-flag handler for `SIGINT`/`SIGTERM`.
 //!
 //! These are public so that tests which interrupt the demo server (signal storms, the
 //! end-to-end tests' EINTR checks) share one implementation.
@@ -30,23 +30,8 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     }
 }
 
-/// `tgkill(tgid, tid, sig)`: a signal to one thread of process `tgid`.
-pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> io::Result<()> {
-    // SAFETY: the tgkill system call takes three integers and touches no memory of ours.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::c_long::from(tgid),
-            libc::c_long::from(tid),
-            libc::c_long::from(sig),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
+/// `tgkill(tgid, tid, sig)`: a signal to one thread of process `tgid` (kgpatch's OS layer).
+pub use kgpatch_sys::thread::tgkill;
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

@@ -161,6 +161,12 @@ pub struct Status {
     pub sig_ign: Option<u64>,
     /// `SigCgt:` signals with a handler.
     pub sig_cgt: Option<u64>,
+    /// `CapEff:` effective capabilities (bit `n` for capability `n`).
+    pub cap_eff: Option<u64>,
+    /// `Seccomp:` mode: 0 none, 1 strict, 2 filter.
+    pub seccomp: Option<u32>,
+    /// `x86_Thread_features:` lists `shstk`: the thread runs with a shadow stack.
+    pub shadow_stack: Option<bool>,
 }
 
 impl Status {
@@ -194,6 +200,11 @@ impl Status {
                 "SigBlk" => s.sig_blk = mask(),
                 "SigIgn" => s.sig_ign = mask(),
                 "SigCgt" => s.sig_cgt = mask(),
+                "CapEff" => s.cap_eff = mask(),
+                "Seccomp" => s.seccomp = value.parse().ok(),
+                "x86_Thread_features" => {
+                    s.shadow_stack = Some(value.split_whitespace().any(|f| f == "shstk"))
+                }
                 _ => {}
             }
         }
@@ -256,6 +267,64 @@ pub fn parse_syscall(text: &str) -> Option<Syscall> {
         sp: hex(words[words.len() - 2])?,
         pc: hex(words[words.len() - 1])?,
     })
+}
+
+/// A thread blocked in a system call, as its syscall file shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InSyscall {
+    /// The system call number (never negative).
+    pub nr: i64,
+    /// Its six arguments (`rdi`, `rsi`, `rdx`, `r10`, `r8`, `r9`).
+    pub args: [u64; 6],
+}
+
+/// Parses a syscall file of a thread blocked in a system call: `<nr> <6 args> <sp> <pc>`;
+/// `None` for `running`, for `-1 <sp> <pc>` (blocked outside a system call) and for text
+/// that is not a syscall file.
+pub fn parse_syscall_args(text: &str) -> Option<InSyscall> {
+    let Syscall::Blocked { nr, .. } = parse_syscall(text)? else {
+        return None;
+    };
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if nr < 0 || words.len() != 9 {
+        return None;
+    }
+    let mut args = [0u64; 6];
+    for (a, w) in args.iter_mut().zip(&words[1..7]) {
+        *a = u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some(InSyscall { nr, args })
+}
+
+/// The system call thread `tid` of `pid` is blocked in, with its arguments; `None` while it
+/// runs or is blocked outside a system call, when it is gone, or when the file cannot be
+/// read (the kernel hides it without ptrace rights).
+pub fn task_syscall(pid: Pid, tid: i32) -> Option<InSyscall> {
+    parse_syscall_args(&fs::read_to_string(pid.task_file(tid, "syscall")).ok()?)
+}
+
+/// The state letter of a `/proc/<pid>/task/<tid>/stat` line (the field after the
+/// parenthesised name, which may itself hold spaces and parentheses).
+pub fn parse_stat_state(text: &str) -> Option<char> {
+    text.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// The state letter of thread `tid` of `pid` (`R`, `S`, `D`, `T`, `t`, `Z`, `X`...), from
+/// its `stat` file (cheaper for the kernel to produce than `status`); `Ok(None)` when the
+/// thread is gone (see [`is_gone`]).
+pub fn task_state(pid: Pid, tid: i32) -> io::Result<Option<char>> {
+    match fs::read_to_string(pid.task_file(tid, "stat")) {
+        Ok(text) => parse_stat_state(&text)
+            .map(Some)
+            .ok_or_else(|| io::Error::other(format!("no state in stat of task {tid}"))),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where thread `tid` of `pid` is blocked, `(sp, pc)`; `None` while it runs, when it is
@@ -465,6 +534,10 @@ ShdPnd:\t0000000200000000
 SigBlk:\tfffffffe7ffbfeff
 SigIgn:\t0000000000001000
 SigCgt:\t0000000100004a02
+CapEff:\t000001ffffffffff
+Seccomp:\t2
+x86_Thread_features:\tshstk wrss
+x86_Thread_features_locked:\t
 ";
 
     #[test]
@@ -479,6 +552,13 @@ SigCgt:\t0000000100004a02
         assert_eq!(s.sig_blk, Some(0xfffffffe7ffbfeff));
         assert_eq!(s.sig_ign, Some(0x1000));
         assert_eq!(s.sig_cgt, Some(0x100004a02));
+        assert_eq!(s.cap_eff, Some(0x1ff_ffff_ffff));
+        assert_eq!(s.seccomp, Some(2));
+        assert_eq!(s.shadow_stack, Some(true));
+        assert_eq!(
+            Status::parse("x86_Thread_features:\t\n").shadow_stack,
+            Some(false)
+        );
         assert!(!s.exiting());
         assert!(Status::parse("State:\tZ (zombie)\n").exiting());
         assert!(Status::parse("State:\tX (dead)\n").exiting());
@@ -499,6 +579,11 @@ SigCgt:\t0000000100004a02
         #[allow(unsafe_code)]
         let uid = unsafe { libc::getuid() };
         assert_eq!(me.uid.unwrap()[0], uid);
+        // SAFETY: PR_GET_SECCOMP takes no pointer; it returns the calling thread's mode.
+        #[allow(unsafe_code)]
+        let mode = unsafe { libc::prctl(libc::PR_GET_SECCOMP) };
+        assert_eq!(me.seccomp, Some(mode as u32));
+        assert!(me.cap_eff.is_some());
         sleeper.end();
     }
 
@@ -542,6 +627,63 @@ SigCgt:\t0000000100004a02
         );
         assert_eq!(parse_syscall(""), None);
         assert_eq!(parse_syscall("0x10"), None);
+    }
+
+    #[test]
+    fn syscall_args_parse_fixed_text() {
+        assert_eq!(
+            parse_syscall_args(
+                "281 0x3 0x7f00 0x80 0xffffffffffffffff 0x0 0x8 0x7fff1e7ca7e8 0x7fa82c465503\n"
+            ),
+            Some(InSyscall {
+                nr: 281,
+                args: [3, 0x7f00, 0x80, u64::MAX, 0, 8]
+            })
+        );
+        assert_eq!(parse_syscall_args("running\n"), None);
+        assert_eq!(parse_syscall_args("-1 0x7ffd0 0x401000"), None);
+        assert_eq!(parse_syscall_args("7 0x1 0x2 0x7ffd0 0x401000"), None);
+        assert_eq!(
+            parse_syscall_args("7 0x1 0x2 zz 0x0 0x0 0x0 0x7ffd0 0x401000"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_thread_asleep_in_a_futex_shows_it_in_its_syscall_args() {
+        let sleeper = Sleeper::start(|| {});
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let blocked = loop {
+            if let Some(b) = task_syscall(Pid::This, sleeper.tid) {
+                break b;
+            }
+            assert!(std::time::Instant::now() < deadline, "never blocked");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // a channel receive sleeps in futex(2)
+        assert_eq!(blocked.nr, libc::SYS_futex);
+        sleeper.end();
+    }
+
+    #[test]
+    fn stat_state_parses_fixed_and_real_text() {
+        assert_eq!(parse_stat_state("42 (a (b) c) S 1 42 42 0"), Some('S'));
+        assert_eq!(parse_stat_state("42 (x) Z 1"), Some('Z'));
+        assert_eq!(parse_stat_state("42 (x"), None);
+        let sleeper = Sleeper::start(|| {});
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while task_state(Pid::This, sleeper.tid).unwrap() != Some('S') {
+            assert!(std::time::Instant::now() < deadline, "never asleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(task_state(Pid::This, gettid()).unwrap(), Some('R'));
+        let tid = sleeper.tid;
+        sleeper.end();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while task_state(Pid::This, tid).unwrap().is_some() {
+            assert!(std::time::Instant::now() < deadline, "{tid} still there");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
