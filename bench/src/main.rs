@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use kgpatch_examples::load::{LoadConfig, LoadReport};
 use kgpatch_examples::{patch_path, DemoServer, Patch, ServerOptions, Variant};
 use kgpatch_protocol::{HandlerTimes, OnTimeout, OutcomeKind, Request};
+use kgpatch_sys::proc;
 use serde_json::{json, Value};
 
 use agent::{Agent, Built};
@@ -290,28 +291,6 @@ fn latency(built: &Built, opts: &Options) -> Value {
     Value::Array(out)
 }
 
-fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15; after the comm they are the 12th and 13th.
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
 fn idle(built: &Built) -> Value {
     println!("\n## 4. The idle agent (a process asleep in read(2), 3 s)\n");
     let measure = |preload: bool| {
@@ -329,11 +308,13 @@ fn idle(built: &Built) -> Value {
             .expect("READY");
         let pid = child.id();
         std::thread::sleep(Duration::from_millis(300));
-        let t0 = cpu_ticks(pid);
+        let ticks_of = |pid: u32| proc::cpu_ticks(proc::Pid::Other(pid as i32)).unwrap_or(0);
+        let t0 = ticks_of(pid);
         std::thread::sleep(Duration::from_secs(3));
-        let ticks = cpu_ticks(pid) - t0;
-        let rss = proc_field(pid, "status", "VmRSS:").unwrap_or(0);
-        let threads = proc_field(pid, "status", "Threads:").unwrap_or(0);
+        let ticks = ticks_of(pid) - t0;
+        let status = proc::status(proc::Pid::Other(pid as i32)).unwrap_or_default();
+        let rss = status.vm_rss_kib.unwrap_or(0);
+        let threads = status.threads.unwrap_or(0);
         let _ = child.stdin.take().map(|mut s| s.flush());
         let _ = child.kill();
         let _ = child.wait();

@@ -555,7 +555,7 @@ fn processes_in(dir: &std::path::Path) -> Vec<AgentProcess> {
         else {
             continue;
         };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+        let Ok(comm) = kgpatch_sys::proc::comm(kgpatch_sys::proc::Pid::Other(pid as i32)) else {
             continue; // a socket left by a process that is gone
         };
         let agent = Client::at(e.path())

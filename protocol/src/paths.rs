@@ -21,11 +21,8 @@ pub fn socket_path(dir: &Path, pid: u32) -> PathBuf {
 /// agent names its runtime directory after it); `None` if no such process is running or its
 /// status cannot be read.
 pub fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+    let status = kgpatch_sys::proc::status(kgpatch_sys::proc::Pid::Other(pid as i32)).ok()?;
+    status.uid.map(|[_, effective, _, _]| effective)
 }
 
 /// Removes the sockets in `dir` that no agent serves any more (left by processes that

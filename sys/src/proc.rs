@@ -167,6 +167,10 @@ pub struct Status {
     pub seccomp: Option<u32>,
     /// `x86_Thread_features:` lists `shstk`: the thread runs with a shadow stack.
     pub shadow_stack: Option<bool>,
+    /// `Threads:` (the process's thread count).
+    pub threads: Option<u32>,
+    /// `VmRSS:` resident memory, KiB.
+    pub vm_rss_kib: Option<u64>,
 }
 
 impl Status {
@@ -202,6 +206,10 @@ impl Status {
                 "SigCgt" => s.sig_cgt = mask(),
                 "CapEff" => s.cap_eff = mask(),
                 "Seccomp" => s.seccomp = value.parse().ok(),
+                "Threads" => s.threads = value.parse().ok(),
+                "VmRSS" => {
+                    s.vm_rss_kib = value.strip_suffix("kB").and_then(|v| v.trim().parse().ok())
+                }
                 "x86_Thread_features" => {
                     s.shadow_stack = Some(value.split_whitespace().any(|f| f == "shstk"))
                 }
@@ -312,6 +320,22 @@ pub fn parse_stat_state(text: &str) -> Option<char> {
         .next()?
         .chars()
         .next()
+}
+
+/// User plus system CPU time in clock ticks (`utime` + `stime`, fields 14 and 15) from a
+/// `stat` file's text.
+pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
+    let mut after = text.rsplit_once(')')?.1.split_whitespace();
+    // After the comm: state is field 3, so utime (14) is the 12th word and stime the 13th.
+    let utime: u64 = after.nth(11)?.parse().ok()?;
+    let stime: u64 = after.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU time process `pid` has used, in clock ticks (all its threads).
+pub fn cpu_ticks(pid: Pid) -> io::Result<u64> {
+    let text = fs::read_to_string(format!("{}/stat", pid.dir()))?;
+    parse_stat_cpu_ticks(&text).ok_or_else(|| io::Error::other("no utime/stime in stat"))
 }
 
 /// The state letter of thread `tid` of `pid` (`R`, `S`, `D`, `T`, `t`, `Z`, `X`...), from
@@ -663,6 +687,18 @@ x86_Thread_features_locked:\t
         // a channel receive sleeps in futex(2)
         assert_eq!(blocked.nr, libc::SYS_futex);
         sleeper.end();
+    }
+
+    #[test]
+    fn stat_cpu_ticks_and_status_counts_parse() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(22));
+        assert_eq!(parse_stat_cpu_ticks("42 (x) S 1"), None);
+        let s = Status::parse("Threads:\t3\nVmRSS:\t  1234 kB\n");
+        assert_eq!((s.threads, s.vm_rss_kib), (Some(3), Some(1234)));
+        let me = status(Pid::This).unwrap();
+        assert!(me.threads.is_some_and(|n| n >= 1) && me.vm_rss_kib.is_some_and(|k| k > 0));
+        assert!(cpu_ticks(Pid::This).is_ok());
     }
 
     #[test]

@@ -547,7 +547,10 @@ impl Patcher {
             let mut nested = found.take();
             let mut stuck = Vec::new();
             for &tid in report.blocked.iter().chain(&report.timed_out) {
-                if !std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() {
+                // Gone: nothing to wait for. A status that cannot be read proves nothing:
+                // the thread stays among those checked below (fail closed).
+                let status = kgpatch_sys::proc::task_status(kgpatch_sys::proc::Pid::This, tid);
+                if matches!(status, Ok(None)) {
                     continue;
                 }
                 match sweep::parked_sp_pc(tid) {

@@ -127,29 +127,15 @@ impl Restorers {
     }
 }
 
-/// The writable mappings of the process, sorted, adjacent ones merged.
+/// The writable mappings of the process, sorted, adjacent ones merged (none when the maps
+/// cannot be read: every scan is then capped at [`MAX_SCAN`]).
 fn writable_mappings() -> Vec<(u64, u64)> {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return Vec::new();
-    };
+    let maps = kgpatch_sys::proc::maps(kgpatch_sys::proc::Pid::This).unwrap_or_default();
     let mut v: Vec<(u64, u64)> = Vec::new();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if perms.as_bytes().get(1) != Some(&b'w') {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
+    for m in maps.iter().filter(|m| m.write) {
         match v.last_mut() {
-            Some(last) if last.1 == a => last.1 = b,
-            _ => v.push((a, b)),
+            Some(last) if last.1 == m.start => last.1 = m.end,
+            _ => v.push((m.start, m.end)),
         }
     }
     v

@@ -7,12 +7,9 @@
 //! returns from it through `rt_sigreturn`, which leaves the kernel by `iret`, a serialising
 //! instruction; that is slower (a signal per thread per step) but correct.
 //!
-//! # Safety
-//! The only unsafe is the raw `membarrier` system call, which takes integers and touches no
-//! memory of ours. Code is written with `pwrite` on `/proc/self/mem` through safe `File`
-//! calls; what makes those writes harmless to running threads is the protocol above, not
-//! the type system.
-#![allow(unsafe_code)]
+//! No unsafe here: membarrier is `kgpatch_sys::thread::SyncCore`, and code is written with
+//! `pwrite` on `/proc/self/mem` through safe `File` calls; what makes those writes harmless
+//! to running threads is the protocol above, not the type system.
 
 use std::fs::File;
 use std::io;
@@ -21,10 +18,6 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::sweep::{self, Sweep, SweepAction};
-
-const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
 /// How cores are made to see new code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +33,10 @@ pub enum SyncMethod {
 pub struct CodeWriter {
     mem: File,
     method: SyncMethod,
+    /// The membarrier registration, for [`SyncMethod::Membarrier`].
+    sync_core: Option<kgpatch_sys::thread::SyncCore>,
     sweep: Sweep,
     timeout: Duration,
-}
-
-fn membarrier(cmd: libc::c_int) -> libc::c_long {
-    // SAFETY: membarrier takes integers only.
-    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
 }
 
 impl CodeWriter {
@@ -74,12 +64,12 @@ impl CodeWriter {
             .map_err(|source| Error::ProcMemRefused { source })?;
         mem.write_all_at(&byte, probe)
             .map_err(|source| Error::ProcMemRefused { source })?;
-        let supported = membarrier(MEMBARRIER_CMD_QUERY);
-        let method = if !force_sweep
-            && supported > 0
-            && supported & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE as libc::c_long != 0
-            && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0
-        {
+        let sync_core = if force_sweep {
+            None
+        } else {
+            kgpatch_sys::thread::SyncCore::register()
+        };
+        let method = if sync_core.is_some() {
             SyncMethod::Membarrier
         } else {
             SyncMethod::Sweep
@@ -87,6 +77,7 @@ impl CodeWriter {
         Ok(CodeWriter {
             mem,
             method,
+            sync_core,
             sweep,
             timeout,
         })
@@ -161,13 +152,16 @@ impl CodeWriter {
     pub fn sync(&self) -> Result<()> {
         match self.method {
             SyncMethod::Membarrier => {
-                if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
-                    return Err(Error::os(
-                        "membarrier",
-                        "serialising cores after a code write",
-                    ));
-                }
-                Ok(())
+                // `method` is Membarrier only with a registration.
+                let synced = self.sync_core.as_ref().map_or_else(
+                    || Err(io::Error::from(io::ErrorKind::Unsupported)),
+                    |s| s.sync(),
+                );
+                synced.map_err(|source| Error::Os {
+                    call: "membarrier",
+                    doing: "serialising cores after a code write",
+                    source,
+                })
             }
             SyncMethod::Sweep => {
                 // A thread can show the signal blocked only because it is running a handler
