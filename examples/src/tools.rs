@@ -291,6 +291,22 @@ impl PatchableServer {
         Ok(PatchableServer { server, rt, tools })
     }
 
+    /// Starts the server described by `opts` WITHOUT the agent (as a server started last
+    /// month was), with `kgpatch` commands pointed at a fresh private runtime directory:
+    /// [`PatchableServer::attach`] loads the agent into it.
+    pub fn spawn_without_agent(opts: ServerOptions) -> Result<PatchableServer, Error> {
+        let tools = Tools::get()?;
+        let rt = RuntimeDir::new()?;
+        let server = DemoServer::spawn(opts)?;
+        Ok(PatchableServer { server, rt, tools })
+    }
+
+    /// `kgpatch attach <pid> --json`.
+    pub fn attach(&self) -> Result<KgpatchRun, Error> {
+        let pid = self.pid().to_string();
+        self.kgpatch(&["attach", pid.as_str(), "--json"])
+    }
+
     /// The server of `variant` with default options.
     pub fn start(variant: Variant) -> Result<PatchableServer, Error> {
         PatchableServer::spawn(ServerOptions::new(variant))

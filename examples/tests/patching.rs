@@ -747,3 +747,57 @@ fn sample_modules_carry_their_names_and_targets() {
     replaced.sort_unstable();
     assert_eq!(replaced, ["kv_decode", "kv_encode", "kv_transcode"]);
 }
+
+// ---- attach -------------------------------------------------------------------------------
+
+/// Issue 12: the demo server started WITHOUT the agent, under the checked load: `kgpatch
+/// attach`, then 100 fix-incr apply/revert cycles; no request fails. The attach report
+/// gives the borrowed thread's pause; the load's phase 1 (only the attach) shows the
+/// server's workers answering requests while it ran.
+#[test]
+fn attach_to_a_server_started_without_the_agent_then_100_cycles_under_load() {
+    let workers = 4;
+    let srv = PatchableServer::spawn_without_agent(
+        ServerOptions::new(Variant::NoFramePointers).workers(workers as u32),
+    )
+    .unwrap_or_else(|e| panic!("starting the server: {e}"));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", srv.pid())).unwrap();
+    assert!(
+        !maps.contains("libkgpatch_agent.so"),
+        "the agent is already there"
+    );
+    let bg = Background::start(&srv, 4, IncrSign::Either);
+    std::thread::sleep(Duration::from_millis(300));
+
+    bg.next_phase(); // 1: attaching
+    let attach = must(srv.attach().unwrap());
+    bg.next_phase(); // 2: patching
+    let report: serde_json::Value = serde_json::from_str(&attach.stdout).unwrap();
+    assert_eq!(report["already"], false, "{attach}");
+    let pause_us = report["pause_us"].as_u64().unwrap();
+    let total_us = report["total_us"].as_u64().unwrap();
+    let agent = status(&srv).agent.map(|a| a.origin);
+    assert_eq!(agent, Some(kgpatch_protocol::Origin::Attach));
+
+    let times = cycles(&srv, Patch::FixIncr, 100);
+    assert_eq!(
+        incr_minus_five(&srv),
+        5,
+        "the bug is back after the last revert"
+    );
+    let again = must(srv.attach().unwrap());
+    assert!(again.stdout.contains("\"already\": true"), "{again}");
+    let load = bg.finish();
+    println!(
+        "attach: borrowed thread paused {pause_us} µs, attach took {total_us} µs; \
+         fix-incr x100 after attach: {}\n{load}\n(phase 0: before; 1: during attach; 2: cycles)",
+        summary(times)
+    );
+    assert_eq!(load.failures, 0, "{load}");
+    assert_eq!(load.phases.len(), 3, "{load}");
+    assert!(
+        load.phases[1].requests > 0,
+        "no request was answered while the attach ran: {load}"
+    );
+    assert!(patch_names(&srv).is_empty());
+}
