@@ -13,7 +13,7 @@
 //! bootstrap mapping is unmapped (a remote `munmap` while we still hold the thread, or by
 //! the new thread itself at its end), no signal is sent, no disposition is changed.
 //! `docs` for the step-by-step sequence and what happens if the injector dies at each step:
-//! `attach/ARCHITECTURE-attach.md`.
+//! docs/ARCHITECTURE.md, "Attach".
 //!
 //! ```no_run
 //! use kgpatch_attach::{attach, AttachOptions};
