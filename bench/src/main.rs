@@ -66,7 +66,7 @@ fn options() -> Options {
             }
             "--only" => opts.only = args.next(),
             "-h" | "--help" => {
-                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle]");
+                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach]");
                 std::process::exit(0);
             }
             other => {
