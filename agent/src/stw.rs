@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use kgpatch_redirect::{sweep, Sweep};
+use kgpatch_redirect::Sweep;
 use kgpatch_universe::{Check, Side};
 
 use crate::migrate::{self, MigrationContext, GATE};
@@ -35,7 +35,7 @@ const MAX_HALT: Duration = Duration::from_secs(2);
 /// In each thread's handler: check the stack, arrive, wait to be released, then move (or
 /// not) as the driver decided.
 fn halt_here(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
-    let me = sweep::gettid() as u64;
+    let me = kgpatch_sys::thread::gettid() as u64;
     if me == DRIVER_TID.load(Ordering::Acquire) {
         return;
     }
@@ -67,7 +67,7 @@ fn halt_here(uc: &libc::ucontext_t, ctx: &MigrationContext<'_>) {
         if now >= deadline {
             return;
         }
-        sweep::futex_wait(
+        kgpatch_sys::futex::wait(
             &RELEASE,
             HOLD,
             Duration::from_nanos((deadline - now).min(1_000_000)),
@@ -100,7 +100,7 @@ pub fn rendezvous(
     ARRIVED.store(0, Ordering::Release);
     BUSY.store(0, Ordering::Release);
     RELEASE.store(HOLD, Ordering::Release);
-    DRIVER_TID.store(sweep::gettid() as u64, Ordering::Release);
+    DRIVER_TID.store(kgpatch_sys::thread::gettid() as u64, Ordering::Release);
     // A failed listing waits for no one: the rendezvous then finds too few arrivals and
     // releases everyone unmoved.
     let others = crate::driver::live_tids().map_or(u32::MAX, |t| t.len().saturating_sub(1) as u32);
@@ -127,7 +127,7 @@ pub fn rendezvous(
         result.busy = BUSY.load(Ordering::Acquire);
         let go = result.halted >= others && result.busy == 0;
         RELEASE.store(if go { GO } else { RETRY }, Ordering::Release);
-        sweep::futex_wake(&RELEASE);
+        kgpatch_sys::futex::wake(&RELEASE);
         result.held = start.elapsed();
         crate::timing::HALTED.record(result.held.as_nanos() as u64);
         let _ = signaller.join();

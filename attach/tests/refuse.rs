@@ -200,8 +200,17 @@ fn no_permission() {
     }
     let mut t = quiet_target(&[]);
     let before = snapshot(t.pid);
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let out = Command::new(std::env::current_exe().unwrap())
+    // The test binary may sit where uid 65534 cannot reach it (a checkout under a 0700
+    // directory, as CI's is): run a copy from a world-readable directory.
+    let dir = std::env::temp_dir().join(format!("kgpatch-attach-perm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("tests");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
         .args([
             "--ignored",
             "--exact",
@@ -217,6 +226,7 @@ fn no_permission() {
         .gid(65534)
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()

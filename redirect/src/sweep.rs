@@ -31,9 +31,9 @@ use crate::error::{Error, Result};
 
 /// OS helpers that live in [`kgpatch_sys`], re-exported under the names the rest of
 /// kgpatch (and its tests) use.
-pub use kgpatch_sys::futex::{wait as futex_wait, wake as futex_wake};
-pub use kgpatch_sys::signal::signal_bit;
-pub use kgpatch_sys::thread::gettid;
+pub(crate) use kgpatch_sys::futex::{wait as futex_wait, wake as futex_wake};
+pub(crate) use kgpatch_sys::signal::signal_bit;
+pub(crate) use kgpatch_sys::thread::gettid;
 
 /// What a sweep runs in each thread's signal handler, on the thread's interrupted context.
 pub type SweepAction<'a> = &'a (dyn Fn(&mut libc::ucontext_t) + Sync);
@@ -312,7 +312,7 @@ fn tgkill(pid: i32, tid: i32, sig: libc::c_int) -> bool {
 
 /// The ids of every thread of the process, sorted, from /proc/self/task (fails closed:
 /// a read error part-way is an error, never a short list).
-pub fn list_threads() -> Result<Vec<i32>> {
+pub(crate) fn list_threads() -> Result<Vec<i32>> {
     proc::tasks(Pid::This).map_err(|source| Error::Os {
         call: "/proc/self/task",
         doing: "listing the process's threads",
@@ -454,13 +454,13 @@ pub fn blocks_trap(tid: i32, blocked: Option<u64>) -> bool {
 
 /// The user stack pointer and pc of a thread blocked in a system call, from
 /// `/proc/self/task/<tid>/syscall`; `None` while it runs (or when the kernel does not say).
-pub fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
+pub(crate) fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
     proc::parked(Pid::This, tid)
 }
 
 /// Where a thread that is not running stands, from `/proc/self/task/<tid>/syscall`: its
 /// pc when it is blocked in the kernel, `None` while it runs (or when the kernel does not
 /// say).
-pub fn parked_pc(tid: i32) -> Option<u64> {
+pub(crate) fn parked_pc(tid: i32) -> Option<u64> {
     proc::parked(Pid::This, tid).map(|(_, pc)| pc)
 }

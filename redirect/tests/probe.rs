@@ -10,7 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use kgpatch_redirect::{sweep::parked_pc, PadHint};
+use kgpatch_redirect::PadHint;
+use kgpatch_sys::proc::{parked, Pid};
 use kgpatch_universe::Version;
 
 use crate::common::{asm_lib_copy, bytes, patcher};
@@ -18,7 +19,7 @@ use crate::common::{asm_lib_copy, bytes, patcher};
 fn parked_at(tid: i32, want: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if parked_pc(tid) == Some(want) {
+        if parked(Pid::This, tid).map(|(_, pc)| pc) == Some(want) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -42,7 +43,7 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
     let (rd, wr) = (fds[0], fds[1]);
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
-        tid_tx.send(kgpatch_redirect::sweep::gettid()).unwrap();
+        tid_tx.send(kgpatch_sys::thread::gettid()).unwrap();
         let mut byte = 0u8;
         let n = probe(rd, &mut byte, 1);
         (n, byte)
@@ -64,7 +65,7 @@ fn thread_inside_the_site_bytes_is_moved_to_the_trampoline() {
     assert!(
         parked_at(tid, tramp + 5),
         "reader parked at {:x?}, not in the trampoline at {:#x}",
-        parked_pc(tid),
+        parked(Pid::This, tid).map(|(_, pc)| pc),
         tramp + 5
     );
     assert!(p.stats().moved > moved_before);

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kgpatch_redirect::{sweep::gettid, Error, PadHint, Patcher, PatcherConfig};
+use kgpatch_redirect::{Error, PadHint, Patcher, PatcherConfig};
+use kgpatch_sys::thread::gettid;
 
 use crate::common::{bytes, c_lib_copy, nested_lib};
 

@@ -4,7 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kgpatch_redirect::{sweep::gettid, tls, Sweep};
+use kgpatch_redirect::{tls, Sweep};
+use kgpatch_sys::thread::gettid;
 
 use crate::common::patcher;
 
