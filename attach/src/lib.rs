@@ -187,7 +187,7 @@ pub enum AttachError {
         waited: Duration,
     },
     /// dlopen of the agent failed in the target.
-    #[error("process {pid} could not load the agent: {msg}")]
+    #[error("process {pid} could not load the agent: {msg}{}", static_tls_hint(.msg))]
     Dlopen {
         /// The pid.
         pid: i32,
@@ -260,6 +260,17 @@ pub enum AttachError {
     },
 }
 
+/// What to do when the agent's static TLS block did not fit: glibc's surplus for libraries
+/// loaded late (`glibc.rtld.optional_static_tls`, 512 bytes by default; the agent needs 376)
+/// was used up by other libraries.
+fn static_tls_hint(msg: &str) -> &'static str {
+    if msg.contains("static TLS") {
+        "; the process has no spare static TLS left for it: start it with LD_PRELOAD=libkgpatch_agent.so (or GLIBC_TUNABLES=glibc.rtld.optional_static_tls=2048)"
+    } else {
+        ""
+    }
+}
+
 /// The file name the agent has in `/proc/<pid>/maps`.
 pub const AGENT_FILE_NAME: &str = "libkgpatch_agent.so";
 
@@ -268,4 +279,23 @@ pub fn agent_loaded(pid: i32) -> std::io::Result<bool> {
     Ok(kgpatch_sys::proc::maps(kgpatch_sys::proc::Pid::Other(pid))?
         .iter()
         .any(|m| Path::new(&m.path).file_name().and_then(|n| n.to_str()) == Some(AGENT_FILE_NAME)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_static_tls_failure_says_what_to_do() {
+        let e = AttachError::Dlopen {
+            pid: 7,
+            msg: "libkgpatch_agent.so: cannot allocate memory in static TLS block".into(),
+        };
+        assert!(e.to_string().contains("LD_PRELOAD"), "{e}");
+        let other = AttachError::Dlopen {
+            pid: 7,
+            msg: "libfoo.so: cannot open shared object file".into(),
+        };
+        assert!(!other.to_string().contains("static TLS left"), "{other}");
+    }
 }

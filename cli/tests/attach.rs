@@ -56,3 +56,44 @@ fn attach_then_patch_a_process_started_without_the_agent() {
     t.kg(&["attach", "2147483646"])
         .expect(3, "no process with pid 2147483646");
 }
+
+/// A process whose spare static TLS is used up (here: none reserved) cannot take the agent
+/// (its initial-exec TLS needs 376 bytes of it): the attach is refused with what to do, and
+/// the process runs on without the agent mapped.
+#[test]
+fn attach_without_spare_static_tls_is_refused_with_what_to_do() {
+    let dir = TempDir::new("attach-tls");
+    let exe = build_target(&dir, "target", &[]);
+    agent_so();
+    let mut t = Spawn::new(&exe, &dir.runtime_dir())
+        .arg("2")
+        .no_agent()
+        .env(
+            "GLIBC_TUNABLES",
+            "glibc.rtld.nns=1:glibc.rtld.optional_static_tls=0",
+        )
+        .start();
+    let maps_before = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
+    let out = t.kg(&["attach", &t.pid_arg()]);
+    out.expect(1, "static TLS");
+    assert!(out.stderr.contains("LD_PRELOAD"), "{out}");
+    let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", t.pid())).unwrap();
+    assert!(
+        !maps_after.contains("libkgpatch_agent.so"),
+        "the agent stayed mapped"
+    );
+    // The bootstrap thread ran and exited: glibc keeps its stack in its stack cache and the
+    // malloc arena its dlopen used; nothing else may be new (no bootstrap page, nothing
+    // executable, no file).
+    let before: std::collections::HashSet<&str> = maps_before.lines().collect();
+    for line in maps_after.lines().filter(|l| !before.contains(l)) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            f.len() == 5 && !f[1].contains('x'),
+            "a new mapping other than glibc's thread-stack and arena caches: {line}"
+        );
+    }
+    assert_eq!(t.stats()["bad"], 0);
+    assert!(t.alive());
+    eprintln!("no spare static TLS: {}", out.stderr.trim());
+}

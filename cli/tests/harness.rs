@@ -369,6 +369,7 @@ pub struct Spawn {
     runtime_dir: PathBuf,
     preload: bool,
     ready: String,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Spawn {
@@ -381,7 +382,14 @@ impl Spawn {
             runtime_dir: runtime_dir.to_owned(),
             preload: true,
             ready: "READY".into(),
+            env: Vec::new(),
         }
+    }
+
+    /// An environment variable of the target.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Spawn {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// An argument.
@@ -413,6 +421,7 @@ impl Spawn {
         if self.preload {
             cmd.env("LD_PRELOAD", agent_so());
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", self.exe.display()));
