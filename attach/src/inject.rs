@@ -81,6 +81,11 @@ fn io_or_gone(pid: i32, what: &str, e: std::io::Error) -> AttachError {
     if !Path::new(&Pid::Other(pid).dir()).exists() || e.raw_os_error() == Some(libc::ESRCH) {
         return AttachError::TargetExited { pid };
     }
+    // A process killed meanwhile reads as end-of-file through /proc/<pid>/mem once its
+    // memory is gone, a moment before it shows as a zombie: give it that moment.
+    if e.kind() == std::io::ErrorKind::UnexpectedEof && exits_soon(pid) {
+        return AttachError::TargetExited { pid };
+    }
     AttachError::Io {
         pid,
         what: what.to_string(),
@@ -215,7 +220,7 @@ struct Held {
 }
 
 fn ptrace_err(pid: i32, e: ptrace::PtraceError) -> AttachError {
-    if e.is_gone() && !Path::new(&Pid::Other(pid).dir()).exists() {
+    if e.is_gone() && (!Path::new(&Pid::Other(pid).dir()).exists() || exits_soon(pid)) {
         return AttachError::TargetExited { pid };
     }
     AttachError::Ptrace { pid, source: e }
@@ -223,6 +228,18 @@ fn ptrace_err(pid: i32, e: ptrace::PtraceError) -> AttachError {
 
 fn in_ranges(ranges: &[(u64, u64)], pc: u64) -> bool {
     ranges.iter().any(|&(s, e)| pc >= s && pc < e)
+}
+
+/// `pid` is gone, a zombie or dead, now or within 100 ms.
+fn exits_soon(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    loop {
+        let exiting = proc::status(Pid::Other(pid)).map_or(true, |s| s.exiting());
+        if exiting || Instant::now() > deadline {
+            return exiting;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Thread `tid` of `pid` is gone, a zombie or dead.
@@ -381,7 +398,7 @@ fn restore(pid: i32, h: &Held) -> Result<(), AttachError> {
         .and_then(|()| ptrace::set_sigmask(h.tid, h.mask))
         .and_then(|()| ptrace::detach(h.tid, 0));
     r.map_err(|e| {
-        if e.is_gone() && !Path::new(&Pid::Other(pid).dir()).exists() {
+        if e.is_gone() && (!Path::new(&Pid::Other(pid).dir()).exists() || exits_soon(pid)) {
             AttachError::TargetExited { pid }
         } else {
             AttachError::Damaged {
