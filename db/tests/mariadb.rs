@@ -4,7 +4,8 @@
 //! bodies, then a patch a client can see (`NOW()` an hour ahead), reverted. After: every
 //! transition completed, sysbench ended cleanly (no error it does not ignore, no
 //! reconnect), `CHECK TABLE` is clean on every table, and the server shuts down cleanly on
-//! SIGTERM. Once with one thread per connection, once with the thread pool.
+//! SIGTERM. Once with one thread per connection, once with the thread pool, and once with
+//! mariadbd started without the agent and `kgpatch attach` while sysbench runs.
 
 use std::path::Path;
 use std::process::Command;
@@ -44,16 +45,27 @@ fn now_offset(db: &MariaDb) -> i64 {
     server - here
 }
 
-fn patched_live_under_sysbench(threads: ThreadHandling) {
+/// How the agent comes into mariadbd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Agent {
+    Preload,
+    /// Started without it; `kgpatch attach` while sysbench runs.
+    Attach,
+}
+
+fn patched_live_under_sysbench(threads: ThreadHandling, agent: Agent) {
     kgpatch_db::require().unwrap_or_else(|e| panic!("{e}"));
     let tools = Tools::get().unwrap();
     let rt = RuntimeDir::new().unwrap();
-    let opts = MariaDbOptions {
+    let mut opts = MariaDbOptions {
         threads,
         ..MariaDbOptions::default()
+    };
+    if agent == Agent::Preload {
+        opts = opts
+            .env("LD_PRELOAD", tools.agent_library())
+            .env("KGPATCH_RUNTIME_DIR", rt.path());
     }
-    .env("LD_PRELOAD", tools.agent_library())
-    .env("KGPATCH_RUNTIME_DIR", rt.path());
     let mut db = MariaDb::start(&opts).unwrap_or_else(|e| panic!("{e}"));
     let pid = db.pid().to_string();
 
@@ -80,6 +92,12 @@ fn patched_live_under_sysbench(threads: ThreadHandling) {
     let sb = Sysbench::prepare(&db, 4, 10_000).unwrap_or_else(|e| panic!("{e}"));
     let run = sb.start(16, Duration::from_secs(30), 99).unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    let mut attached = String::new();
+    if agent == Agent::Attach {
+        let (code, out) = kgpatch(tools, rt.path(), &["attach", &pid]);
+        assert!(code == 0 && out.contains("attached the agent"), "{out}");
+        attached = format!("; {}", out.trim());
+    }
 
     let eq = equivalent.to_str().unwrap();
     for cycle in 0..10 {
@@ -135,7 +153,7 @@ fn patched_live_under_sysbench(threads: ThreadHandling) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(status.success(), "mariadbd exited with {status} on SIGTERM");
     eprintln!(
-        "mariadb ({threads:?}): 22 transitions under sysbench, {} transactions ({:.0} tps), \
+        "mariadb ({threads:?}, {agent:?}{attached}): 22 transitions under sysbench, {} transactions ({:.0} tps), \
          p99 {:.1} ms, max {:.1} ms, {} ignored errors (deadlocks), 0 reconnects, \
          CHECK TABLE clean, clean shutdown",
         report.transactions, report.tps, report.percentile_ms, report.max_ms, report.ignored_errors
@@ -144,10 +162,16 @@ fn patched_live_under_sysbench(threads: ThreadHandling) {
 
 #[test]
 fn mariadb_one_thread_per_connection_is_patched_live_under_sysbench() {
-    patched_live_under_sysbench(ThreadHandling::OnePerConnection);
+    patched_live_under_sysbench(ThreadHandling::OnePerConnection, Agent::Preload);
 }
 
 #[test]
 fn mariadb_thread_pool_is_patched_live_under_sysbench() {
-    patched_live_under_sysbench(ThreadHandling::Pool);
+    patched_live_under_sysbench(ThreadHandling::Pool, Agent::Preload);
+}
+
+/// mariadbd started without kgpatch: the agent attached while sysbench runs.
+#[test]
+fn mariadb_attached_under_sysbench_is_patched_live() {
+    patched_live_under_sysbench(ThreadHandling::OnePerConnection, Agent::Attach);
 }
