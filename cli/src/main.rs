@@ -593,10 +593,10 @@ fn ps(json: bool) -> Result<u8> {
         println!("{}", serde_json::to_string_pretty(&found)?);
         return Ok(exit::OK);
     }
-    println!("{:>8}  {:<20} {:<34} socket", "pid", "command", "agent");
+    println!("{:>8}  {:<20} {:<38} socket", "pid", "command", "agent");
     for p in &found {
         println!(
-            "{:>8}  {:<20} {:<34} {}",
+            "{:>8}  {:<20} {:<38} {}",
             p.pid,
             p.command,
             render::agent(p.agent.as_ref()),
