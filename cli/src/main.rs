@@ -1,8 +1,10 @@
 //! `kgpatch`: the command-line client of the in-process agent.
 //!
 //! **Owns:** argument parsing, the exit-code policy, human and JSON output. It talks to an
-//! agent only through `kgpatch-protocol`'s client and links no agent runtime.
-//! **Must not touch:** the target process other than through the agent's socket.
+//! agent only through `kgpatch-protocol`'s client and links no agent runtime; `attach` (and
+//! `apply --attach`) load the agent through `kgpatch-attach`.
+//! **Must not touch:** the target process other than through the agent's socket and
+//! `kgpatch-attach`.
 //!
 //! # Exit codes
 //! | code | meaning |
