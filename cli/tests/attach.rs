@@ -2,6 +2,8 @@
 //! the agent get it injected by the CLI, then apply and revert work as with the preload;
 //! `status` says the agent was attached; a second attach is a no-op that says so.
 
+use std::time::Duration;
+
 use crate::harness::*;
 
 #[test]
@@ -96,4 +98,61 @@ fn attach_without_spare_static_tls_is_refused_with_what_to_do() {
     assert_eq!(t.stats()["bad"], 0);
     assert!(t.alive());
     eprintln!("no spare static TLS: {}", out.stderr.trim());
+}
+
+/// After an attach, a transition held by a thread parked in the replaced function behaves as
+/// with the preload: `status` names the thread, `force` completes it, the thread finishes
+/// the old body it was in, revert works; `ps` lists the process as attached.
+#[test]
+fn after_attach_force_ps_and_a_parked_thread_work_as_with_the_preload() {
+    let dir = TempDir::new("attach-force");
+    let exe = build_target(&dir, "target", &[]);
+    let fix = crate::parked::parked_patch(&dir, &exe, "fix-parked-attach");
+    agent_so();
+    let mut t = Spawn::new(&exe, &dir.runtime_dir())
+        .arg("4")
+        .no_agent()
+        .start();
+    let pid = t.pid_arg();
+    t.kg(&["attach", &pid]).expect(0, "attached the agent");
+    let ps = t.kg(&["ps"]);
+    ps.expect(0, "attached since");
+    assert!(ps.stdout.contains(&pid), "{ps}");
+
+    t.send("park");
+    t.wait_line("PARKED", Duration::from_secs(5));
+    t.kg(&[
+        "apply",
+        &pid,
+        fix.to_str().unwrap(),
+        "--timeout",
+        "300ms",
+        "--keep-pending",
+        "--no-wait",
+    ])
+    .expect_code(0);
+    let s = t.status_until(Duration::from_secs(10), |s| {
+        s.transition.as_ref().is_none_or(|tr| tr.remaining_ms == 0)
+    });
+    let tr = s
+        .transition
+        .as_ref()
+        .expect("kept pending past its deadline");
+    assert!(!tr.pending.is_empty(), "{s:#?}");
+    t.kg(&["force", &pid]).expect(0, "WARNING");
+    let s = t.status_until(Duration::from_secs(5), |s| s.transition.is_none());
+    assert_eq!(
+        s.last.as_ref().map(|l| l.result),
+        Some(kgpatch_protocol::OutcomeKind::Completed),
+        "{s:#?}"
+    );
+    t.send("unpark");
+    assert_eq!(
+        t.wait_line("UNPARKED", Duration::from_secs(5)),
+        "UNPARKED 101",
+        "forced, the parked thread finishes the old body it was in"
+    );
+    t.revert("fix-parked-attach", "30s").expect_code(0);
+    assert_eq!(t.stats()["bad"], 0);
+    assert!(t.alive());
 }
