@@ -281,22 +281,8 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     // Not SA_ONSTACK: the action (a whole stack walk, for the agent) runs on the thread's
     // own stack, never on a small alternate signal stack the program set up for SIGSEGV.
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // Every asynchronous signal is blocked while the handler runs: a handler nested in ours
-    // must not leave it by unwinding (glibc's SIGCANCEL of an asynchronous pthread_cancel
-    // did, and `INFLIGHT` then never came back to zero: the next sweep waited forever).
-    // Synchronous signals stay open (blocked, the kernel would kill the process instead).
-    // SAFETY: `act.sa_mask` is a valid sigset to fill and edit.
-    unsafe { libc::sigfillset(&mut act.sa_mask) };
-    for sync in [
-        libc::SIGSEGV,
-        libc::SIGBUS,
-        libc::SIGILL,
-        libc::SIGFPE,
-        libc::SIGTRAP,
-    ] {
-        // SAFETY: as above.
-        unsafe { libc::sigdelset(&mut act.sa_mask, sync) };
-    }
+    // SAFETY: `act.sa_mask` is a valid sigset to fill.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
     // SAFETY: `act` is fully initialised and its handler is async-signal-safe.
     if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
         return Err(Error::os(
