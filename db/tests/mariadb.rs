@@ -101,17 +101,7 @@ fn patched_live_under_sysbench(threads: ThreadHandling, agent: Agent) {
 
     let eq = equivalent.to_str().unwrap();
     for cycle in 0..10 {
-        // An apply refused because a thread blocked SIGTRAP at that instant (inside a
-        // handler) changed nothing; an operator retries, and so does this test (3 tries).
-        let mut tries = 0;
-        let (code, out) = loop {
-            tries += 1;
-            let (code, out) = kgpatch(tools, rt.path(), &["apply", &pid, eq, "--timeout", "20s"]);
-            if code == 0 || !out.contains("block SIGTRAP") || tries == 3 {
-                break (code, out);
-            }
-            eprintln!("cycle {cycle}: retrying a refused apply: {}", out.trim());
-        };
+        let (code, out) = kgpatch(tools, rt.path(), &["apply", &pid, eq, "--timeout", "20s"]);
         assert!(
             code == 0 && out.contains("completed"),
             "cycle {cycle}: {out}"

@@ -270,3 +270,79 @@ fn a_parked_thread_in_a_handler_masking_the_sweep_blocks_the_install() {
     }
     nested_handler_case(true);
 }
+
+/// An io_uring worker (`iou-wrk-*`) is a kernel task in our thread group that blocks every
+/// signal: it runs none of our code, so it must neither refuse the write (it "blocks
+/// SIGTRAP") nor hold up the sweep (it never answers). Seen on MariaDB under sysbench,
+/// where InnoDB's asynchronous I/O makes such workers; before the fix this install was
+/// refused with `TrapBlocked` naming the worker.
+#[test]
+fn an_io_uring_worker_neither_refuses_nor_holds_up_the_install() {
+    if child_mode().is_none() {
+        return in_child(
+            "signals::an_io_uring_worker_neither_refuses_nor_holds_up_the_install",
+            "io_uring",
+        );
+    }
+    use io_uring::{opcode, squeue, types, IoUring};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    let mut ring = IoUring::new(8).expect("io_uring_setup (sysctl kernel.io_uring_disabled=0)");
+    let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut buf = [0u8; 8];
+    // IOSQE_ASYNC: an io-wq worker takes the receive and blocks in it.
+    let recv = opcode::Recv::new(types::Fd(reader.as_raw_fd()), buf.as_mut_ptr(), 8)
+        .build()
+        .flags(squeue::Flags::ASYNC);
+    // SAFETY: `buf` and `reader` outlive the operation: its completion is awaited below.
+    unsafe { ring.submission().push(&recv).unwrap() };
+    ring.submit().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let worker = loop {
+        let found = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&t| {
+                let flags = kgpatch_sys::proc::task_flags(kgpatch_sys::proc::Pid::This, t);
+                matches!(flags, Ok(Some(f)) if f & kgpatch_sys::proc::PF_IO_WORKER != 0)
+            });
+        if let Some(tid) = found {
+            break tid;
+        }
+        assert!(Instant::now() < deadline, "no io_uring worker appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+
+    let p = short_patcher();
+    let lib = c_lib_copy("o2", "_iouring");
+    let (entry, size) = lib.func("fx_work");
+    let f = lib.f1("fx_work");
+    let expected: Vec<i64> = (0..64i64).map(|x| f(x)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let caller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            let mut wrong = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                wrong += u64::from(f(i as i64) != expected[i]);
+                i = (i + 1) % expected.len();
+            }
+            wrong
+        })
+    };
+    let before = bytes(entry - 16, size + 16);
+    let a = p.analyze(entry, size, PadHint::Auto).unwrap();
+    for round in 0..20 {
+        p.install(&a)
+            .unwrap_or_else(|e| panic!("round {round}, worker {worker} alive: {e}"));
+        p.remove(entry).unwrap();
+    }
+    assert_eq!(bytes(entry - 16, size + 16), before);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(caller.join().unwrap(), 0, "wrong results while patching");
+    writer.write_all(b"x").unwrap();
+    ring.submit_and_wait(1).unwrap();
+    assert_eq!(ring.completion().next().map(|c| c.result()), Some(1));
+}

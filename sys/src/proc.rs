@@ -38,9 +38,22 @@ pub fn is_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
-/// The thread ids of process `pid`, sorted, from `/proc/<pid>/task`. Fails closed: any error
-/// opening the directory or reading one entry, an entry that is not a tid, or an empty
-/// list is an error, never a short list (a caller would skip a living thread).
+/// `PF_IO_WORKER` in a task's `stat` flags (include/linux/sched.h): an io_uring worker
+/// (`iou-wrk-*`, `iou-sqp-*`). The kernel creates these inside the thread group of a process
+/// that uses io_uring; they never return to user space, block every signal but SIGKILL and
+/// SIGSTOP, and never run a byte of the program's code.
+pub const PF_IO_WORKER: u64 = 0x10;
+
+/// The thread ids of process `pid` that run user code, sorted, from `/proc/<pid>/task`.
+///
+/// io_uring workers ([`PF_IO_WORKER`]) are left out: they share the thread group but run
+/// only kernel code, so they can neither enter a patched function nor take a signal — a
+/// lister that kept them would see a thread that "blocks SIGTRAP" and one that never
+/// answers a migration signal (MariaDB's InnoDB makes them under load).
+///
+/// Fails closed: any error opening the directory, reading one entry or one task's `stat`
+/// (other than the task being gone), an entry that is not a tid, or an empty list is an
+/// error, never a short list (a caller would skip a living thread).
 pub fn tasks(pid: Pid) -> io::Result<Vec<i32>> {
     let path = format!("{}/task", pid.dir());
     let mut tids = Vec::new();
@@ -51,13 +64,39 @@ pub fn tasks(pid: Pid) -> io::Result<Vec<i32>> {
             .to_str()
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| io::Error::other(format!("an entry of {path} is not a tid")))?;
-        tids.push(tid);
+        match task_flags(pid, tid)? {
+            Some(flags) if flags & PF_IO_WORKER != 0 => {}
+            Some(_) => tids.push(tid),
+            None => {} // ended since the directory was read
+        }
     }
     if tids.is_empty() {
         return Err(io::Error::other(format!("{path} listed no thread")));
     }
     tids.sort_unstable();
     Ok(tids)
+}
+
+/// The kernel's `PF_*` flags of a `stat` line (field 9).
+pub fn parse_stat_flags(text: &str) -> Option<u64> {
+    // After the comm: state is field 3, so flags (9) is the 7th word.
+    text.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()
+}
+
+/// The `PF_*` flags of thread `tid` of `pid`; `Ok(None)` when the thread is gone.
+pub fn task_flags(pid: Pid, tid: i32) -> io::Result<Option<u64>> {
+    match fs::read_to_string(pid.task_file(tid, "stat")) {
+        Ok(text) => parse_stat_flags(&text)
+            .map(Some)
+            .ok_or_else(|| io::Error::other(format!("no flags in stat of task {tid}"))),
+        Err(e) if is_gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// One line of `/proc/<pid>/maps`.
@@ -699,6 +738,16 @@ x86_Thread_features_locked:\t
         let me = status(Pid::This).unwrap();
         assert!(me.threads.is_some_and(|n| n >= 1) && me.vm_rss_kib.is_some_and(|k| k > 0));
         assert!(cpu_ticks(Pid::This).is_ok());
+    }
+
+    #[test]
+    fn stat_flags_parse_fixed_and_real_text() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194368 100 0";
+        assert_eq!(parse_stat_flags(line), Some(4194368));
+        assert_eq!(parse_stat_flags("42 (x) S 1 2"), None);
+        let mine = task_flags(Pid::This, gettid()).unwrap().unwrap();
+        assert_eq!(mine & PF_IO_WORKER, 0);
+        assert!(task_flags(Pid::This, 1 << 23).unwrap().is_none());
     }
 
     #[test]

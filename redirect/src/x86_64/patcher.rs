@@ -541,6 +541,10 @@ impl Patcher {
         why: &'static str,
     ) -> Result<()> {
         let deadline = std::time::Instant::now() + self.config.sweep_timeout;
+        // Threads once found with a frame inside the bytes: one that is awake (so unreadable)
+        // when the deadline comes is still refused for that reason, the one that says what to
+        // wait for, not as merely unreachable.
+        let mut seen_inside: Vec<i32> = Vec::new();
         loop {
             let report = self.writer.sweep().run(action, self.config.sweep_timeout)?;
             // Every handler of the run has returned (`run` waits for them).
@@ -571,7 +575,11 @@ impl Patcher {
             if stuck.is_empty() && nested.is_empty() {
                 return Ok(());
             }
+            seen_inside.extend(&nested);
+            seen_inside.sort_unstable();
+            seen_inside.dedup();
             if std::time::Instant::now() >= deadline {
+                nested.extend(stuck.iter().filter(|t| seen_inside.contains(t)));
                 if !nested.is_empty() {
                     nested.sort_unstable();
                     nested.dedup();
