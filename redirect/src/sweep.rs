@@ -283,6 +283,11 @@ fn install_handler(signal: libc::c_int) -> Result<()> {
     act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
     // SAFETY: `act.sa_mask` is a valid sigset to fill.
     unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // glibc's SIGCANCEL must not nest in our handler: it would unwind out of it (a thread
+    // cancelled while our handler interrupted its cancellable `read`), leaving `INFLIGHT`
+    // up for good (the next sweep waits forever) or aborting in our non-unwinding frames.
+    // Blocked here, it is delivered as the handler returns. Everything else stays open.
+    kgpatch_sys::signal::add_libc_reserved(&mut act.sa_mask);
     // SAFETY: `act` is fully initialised and its handler is async-signal-safe.
     if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
         return Err(Error::os(

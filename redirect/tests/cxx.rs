@@ -102,3 +102,89 @@ fn cancelling_a_thread_blocked_in_a_patched_function_completes() {
         libc::close(fds[1]);
     }
 }
+
+/// A thread blocked in a cancellable `read` is cancelled while kgpatch's sweep handler runs
+/// on it: glibc's SIGCANCEL must wait until our handler returns, then cancel the thread as
+/// usual. Before the fix it nested in our handler and unwound out of it: the child aborted
+/// in our non-unwinding frames (the rare SIGABRT of the cxx tests) or, when the unwind got
+/// through, the sweep's in-flight count stayed up and the next sweep spun forever (the rare
+/// hang beside `cancelling_a_thread_blocked_in_a_patched_function_completes`).
+#[test]
+fn a_cancellation_during_our_handler_waits_for_it_to_return() {
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::time::{Duration, Instant};
+    if std::env::var_os("KGPATCH_CXX_CHILD").is_none() {
+        return crate::common::in_child(
+            "cxx::a_cancellation_during_our_handler_waits_for_it_to_return",
+            "KGPATCH_CXX_CHILD",
+            "1",
+        );
+    }
+    // Without the fix the sweep below never returns: fail instead of hanging.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        eprintln!("the sweep never returned: a cancellation unwound out of our handler");
+        std::process::exit(3);
+    });
+    let lib = cxx_lib();
+    let start: extern "C" fn(i32) -> i32 =
+        // SAFETY: int cxx_start_reader(int fd).
+        unsafe { std::mem::transmute(lib.addr("cxx_start_reader") as usize) };
+    let cancel: extern "C" fn() -> i32 =
+        // SAFETY: int cxx_cancel_reader(void).
+        unsafe { std::mem::transmute(lib.addr("cxx_cancel_reader") as usize) };
+    let join: extern "C" fn() -> i32 =
+        // SAFETY: int cxx_join_reader(void).
+        unsafe { std::mem::transmute(lib.addr("cxx_join_reader") as usize) };
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let tid = start(fds[0]);
+    assert!(tid > 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kgpatch_sys::proc::parked(kgpatch_sys::proc::Pid::This, tid).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the reader never blocked in read"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    static INSIDE: AtomicI32 = AtomicI32::new(0);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+    let action = |_: &mut libc::ucontext_t| {
+        if kgpatch_sys::thread::gettid() != tid {
+            return;
+        }
+        INSIDE.store(tid, Ordering::SeqCst);
+        // Bounded: the test thread releases us right after it cancelled the thread.
+        let until = Instant::now() + Duration::from_secs(2);
+        while !RELEASE.load(Ordering::SeqCst) && Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    };
+    let sweep = *patcher().sweep();
+    let canceller = std::thread::spawn(move || {
+        while INSIDE.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(cancel(), 0);
+        // Give SIGCANCEL time to be delivered (it would be, at once, if not blocked).
+        std::thread::sleep(Duration::from_millis(50));
+        RELEASE.store(true, Ordering::SeqCst);
+    });
+    let report = sweep
+        .run_on(&[tid], &action, Duration::from_secs(5))
+        .unwrap();
+    canceller.join().unwrap();
+    assert_eq!(report.done, vec![tid], "{report:?}");
+    assert_eq!(join(), 1, "the reader was not cancelled");
+    // The next sweep is not held up by a count the cancellation left behind.
+    let again = sweep.run(&|_| {}, Duration::from_secs(5)).unwrap();
+    assert!(again.timed_out.is_empty(), "{again:?}");
+    // SAFETY: closing our own descriptors.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}

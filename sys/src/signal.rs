@@ -29,6 +29,21 @@ pub fn libc_reserved() -> u64 {
     (KERNEL_SIGRTMIN..libc::SIGRTMIN()).fold(0, |m, s| m | signal_bit(s))
 }
 
+/// Adds the signals glibc keeps for itself ([`libc_reserved`]: SIGCANCEL, SIGSETXID) to
+/// `set`, for a handler's `sa_mask`: glibc's `sigaddset` refuses them, but `sigaction` passes
+/// the mask to the kernel as it is. Blocked while kgpatch's handler runs, glibc's SIGCANCEL
+/// handler cannot nest in ours and leave it by unwinding (an asynchronous `pthread_cancel`,
+/// or a deferred one of a thread blocked in a cancellable system call, does exactly that);
+/// the cancellation is delivered when our handler returns.
+#[allow(unsafe_code)]
+pub fn add_libc_reserved(set: &mut libc::sigset_t) {
+    let word = set as *mut libc::sigset_t as *mut u64;
+    // SAFETY: on x86-64 Linux `sigset_t` is 1024 bits in 8-byte words, 8-byte aligned; its
+    // first word is the kernel's sigset (bit `n - 1` for signal `n`), the part `sigaction`
+    // hands to the kernel. `set` is a valid exclusive reference.
+    unsafe { *word |= libc_reserved() };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +60,19 @@ mod tests {
     #[test]
     fn glibc_reserves_32_and_33() {
         assert_eq!(libc_reserved(), signal_bit(32) | signal_bit(33));
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn reserved_signals_can_be_added_to_a_set() {
+        // SAFETY: a zeroed sigset is valid input to sigemptyset and sigismember.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::sigemptyset(&mut set) };
+        add_libc_reserved(&mut set);
+        // SAFETY: as above.
+        let member = |s| unsafe { libc::sigismember(&set, s) };
+        assert_eq!((member(32), member(33), member(libc::SIGINT)), (1, 1, 0));
     }
 
     /// Blocks every signal glibc lets a program block, in the calling thread.

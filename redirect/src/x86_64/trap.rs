@@ -94,6 +94,8 @@ pub fn install() -> Result<()> {
     unsafe {
         libc::sigfillset(&mut act.sa_mask);
     }
+    // sigfillset leaves out glibc's own signals: SIGCANCEL would unwind out of the handler.
+    kgpatch_sys::signal::add_libc_reserved(&mut act.sa_mask);
     // SAFETY: `act` is initialised; the handler is async-signal-safe.
     if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
         return Err(Error::os("sigaction", "installing the SIGTRAP handler"));
