@@ -33,6 +33,7 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
             return Ok(AttachReport {
                 pid,
                 already: true,
+                bootstrap_left: None,
                 tid: 0,
                 syscall: None,
                 pause: Duration::ZERO,
@@ -65,9 +66,15 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
     }
     ptrace::restore_thread_sigmask(&old);
     let (base, pause) = injected?;
-    let answer = wait_answer(pid, &mem, base, opts.timeout)?;
+    let answer = wait_answer(pid, &mem, base, opts.timeout);
+    // The bootstrap thread unmaps its mapping once it has seen both acknowledgements (it
+    // polls every millisecond): return only when it is gone, so the caller finds the
+    // process as it was, or say that it stays.
+    let bootstrap_left = !bootstrap_unmapped(pid, base, BOOTSTRAP_EXIT);
+    let answer = answer?;
     Ok(AttachReport {
         pid,
+        bootstrap_left: bootstrap_left.then_some(base),
         already: answer,
         tid: held.tid,
         syscall: held.syscall,
@@ -75,6 +82,26 @@ pub fn attach(pid: i32, opts: &AttachOptions) -> Result<AttachReport, AttachErro
         total: t0.elapsed(),
         threads: prep.threads,
     })
+}
+
+/// How long the bootstrap thread gets to unmap its mapping after the answer was read.
+const BOOTSTRAP_EXIT: Duration = Duration::from_secs(2);
+
+/// Waits until process `pid` no longer maps the bootstrap at `base` (or is gone); `false`
+/// if it still does after `t`, or its maps cannot be read.
+fn bootstrap_unmapped(pid: i32, base: u64, t: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        match proc::maps(Pid::Other(pid)) {
+            Ok(maps) if !maps.iter().any(|m| m.start == base) => return true,
+            Ok(_) => {}
+            Err(e) => return proc::is_gone(&e),
+        }
+        if start.elapsed() >= t {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn io_or_gone(pid: i32, what: &str, e: std::io::Error) -> AttachError {

@@ -69,13 +69,16 @@ pub struct AttachReport {
     /// The agent was already in the process (found in its maps, or the agent said it was
     /// already running): nothing was done to the process, or the call was a no-op.
     pub already: bool,
+    /// Where the 64 KiB bootstrap mapping stays, if the bootstrap thread did not unmap it
+    /// within 2 s of the answer (it leaves it rather than unmap code a thread may still run).
+    pub bootstrap_left: Option<u64>,
     /// The thread that was borrowed (0 if none).
     pub tid: i32,
     /// The syscall that thread was in when interrupted (`None`: it was running user code).
     pub syscall: Option<i64>,
     /// How long the borrowed thread was held, from its stop to its release.
     pub pause: Duration,
-    /// From the call to the agent's answer.
+    /// From the call to the agent's answer and the bootstrap thread's exit.
     pub total: Duration,
     /// How many threads the target had when one was chosen.
     pub threads: usize,

@@ -139,9 +139,15 @@ fn describe(r: &AttachReport) -> String {
         Some(nr) => format!("asleep in syscall {nr}"),
         None => "running".to_owned(),
     };
+    let left = match r.bootstrap_left {
+        Some(at) => format!(
+            "; the 64 KiB bootstrap mapping at {at:#x} stays (its thread did not unmap it in time)"
+        ),
+        None => String::new(),
+    };
     format!(
         "attached the agent to process {} in {:.1} ms: thread {} ({within}) paused {:.2} ms, \
-         the other {} threads ran on",
+         the other {} threads ran on{left}",
         r.pid,
         r.total.as_secs_f64() * 1e3,
         r.tid,
@@ -159,5 +165,6 @@ fn report_json(r: &AttachReport) -> serde_json::Value {
         "pause_us": r.pause.as_micros() as u64,
         "total_us": r.total.as_micros() as u64,
         "threads": r.threads,
+        "bootstrap_left": r.bootstrap_left,
     })
 }
