@@ -147,7 +147,7 @@ pub enum KmodError {
         path: PathBuf,
     },
     /// A local symbol (named with a file) was asked of a stripped target.
-    #[error("{symbol} names a file, but {} has no .symtab (it is stripped), so local symbols cannot be found; patch a build with symbols, or use a separate debug file", path.display())]
+    #[error("{symbol} names a file, but {} has no .symtab (it is stripped), and no matching separate debug file was found (by build-id or .gnu_debuglink under KGPATCH_DEBUG_DIRS, default /usr/lib/debug), so local symbols cannot be found; install its debug file or patch a build with symbols", path.display())]
     NeedsSymtab {
         /// Symbol.
         symbol: SymbolSpec,
