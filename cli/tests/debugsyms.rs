@@ -347,7 +347,25 @@ fn cxx_member_function_by_demangled_name() {
     );
     text.expect(0, "demangled: shop::Counter::bump(int)");
 
+    let amb = dir.join("fix-cxx-amb.so");
+    build_patch(
+        "cxxsym_fix.c",
+        &amb,
+        &[
+            "-DALL_OVERLOADS".into(),
+            format!("-DSZ_bump={}", one["size"]),
+            format!("-DSUM_bump={}ULL", one["checksum"].as_str().unwrap()),
+        ],
+    );
+
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).arg("2").start();
+    let out = t.apply(&amb, "5s");
+    assert_ne!(out.code, 0, "{out}");
+    assert!(
+        out.text().contains("_ZN4shop7Counter4bumpEli"),
+        "the refusal lists the overloads: {out}"
+    );
+    assert!(t.status().patches.is_empty());
     expect_completed(&t.apply(&fix, "20s"));
     let st = t.stats();
     assert_eq!(

@@ -10,6 +10,9 @@ use crate::parse::ManifestError;
 /// One symbol that matched an ambiguous lookup.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Candidate {
+    /// Its symbol name, when it differs from the name asked for (a demangled C++ name
+    /// matches every overload, each under its own mangled name).
+    pub name: Option<String>,
     /// The `STT_FILE` it follows, if local.
     pub file: Option<String>,
     /// Runtime address (link-time address when resolving a file alone).
@@ -20,6 +23,9 @@ pub struct Candidate {
 
 impl fmt::Display for Candidate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.name {
+            write!(f, "{name} ")?;
+        }
         match &self.file {
             Some(file) => write!(f, "{file} at {:#x}", self.address),
             None => write!(f, "global at {:#x}", self.address),

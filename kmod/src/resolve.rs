@@ -379,6 +379,7 @@ fn lookup<'a>(info: &'a TargetInfo, spec: &SymbolSpec, bias: u64) -> Result<Look
                 candidates: many
                     .iter()
                     .map(|s| Candidate {
+                        name: (s.name != spec.name).then(|| s.name.clone()),
                         file: s.file.clone(),
                         address: bias.wrapping_add(s.value),
                         size: s.size,
