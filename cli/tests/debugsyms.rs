@@ -151,8 +151,8 @@ fn static_function_of_stripped_binary_by_build_id() {
     apply_check_revert(&mut t, &fix, "fix-secret");
 }
 
-/// The same found by `.gnu_debuglink` only (no build-id path in the debug directory): a
-/// file of that name whose CRC32 differs (another build's debug file, in the binary's own
+/// The same found by `.gnu_debuglink` only (the file at the build-id path of the debug
+/// directory is another build's, with another build-id): a file of that name whose CRC32 differs (another build's debug file, in the binary's own
 /// directory, looked at first) is passed over, and the right one in `.debug/` is used.
 #[test]
 fn static_function_of_stripped_binary_by_debuglink() {
@@ -188,8 +188,16 @@ fn static_function_of_stripped_binary_by_debuglink() {
             wrong.to_str().unwrap(),
         ],
     );
-    let empty = dir.join("empty");
-    std::fs::create_dir_all(&empty).unwrap();
+    // The debug directory holds, at the stripped binary's build-id path, a debug file whose
+    // own build-id is another's: passed over too.
+    let empty = dir.join("decoy");
+    let id = build_id(&exe);
+    let decoy = empty
+        .join(".build-id")
+        .join(&id[..2])
+        .join(format!("{}.debug", &id[2..]));
+    std::fs::create_dir_all(decoy.parent().unwrap()).unwrap();
+    std::fs::copy(&wrong, &decoy).unwrap();
 
     let out = describe_with_dirs(
         &empty,

@@ -247,7 +247,13 @@ pub(crate) fn read_target(
             loads,
         });
     }
-    if let Some(debug) = find_debug_file(path, &elf, build_id.as_deref())? {
+    // No names wanted (the build-id alone was asked for): no debug file to look for.
+    let search = wanted.is_none_or(|w| !w.is_empty());
+    let debug = match search {
+        true => find_debug_file(path, &elf, build_id.as_deref())?,
+        false => None,
+    };
+    if let Some(debug) = debug {
         let dcache = open(&debug)?;
         let delf = parse(&debug, &dcache)?;
         if !delf.elf_symbol_table().is_empty() {
