@@ -475,7 +475,10 @@ pub fn resolve_against(
         }
     }
     let bias = target.bias;
-    let table = info.table.section_name();
+    let table = match info.table {
+        SymbolTable::Dynsym => ".dynsym (the file is stripped and no matching separate debug file was found under KGPATCH_DEBUG_DIRS or /usr/lib/debug)",
+        t => t.section_name(),
+    };
     let runtime = |s: &TargetSymbol| {
         let start = bias.wrapping_add(s.value);
         (start, start.wrapping_add(s.size))
