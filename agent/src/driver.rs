@@ -314,6 +314,7 @@ impl Driver {
                 new: f.new_address,
                 new_range: (f.new_address, f.new_address + size.max(1)),
                 old_size: f.old_size,
+                old_parts: f.old_parts.clone(),
             });
         }
         // Analyse every function that needs a site before installing any.
@@ -592,6 +593,25 @@ impl Driver {
                     end,
                     id: i as u32,
                 });
+            }
+            // A thread in a split piece of the original body is inside the function.
+            let original = self.sites.iter().find(|s| s.entry() == m.site);
+            if original.is_some_and(|s| s.original() == v) {
+                let pending = self.pending.as_ref().and_then(|p| p.applying.as_ref());
+                let parts = self
+                    .modules
+                    .iter()
+                    .chain(pending)
+                    .flat_map(|md| &md.functions)
+                    .find(|f| f.old == m.site)
+                    .map_or(&[][..], |f| &f.old_parts[..]);
+                for &(start, end) in parts {
+                    ranges.push(BusyRange {
+                        start,
+                        end,
+                        id: i as u32,
+                    });
+                }
             }
         }
         for c in self.patcher.code_ranges() {
@@ -1283,6 +1303,8 @@ struct ReplacedFunction {
     new_range: (u64, u64),
     /// The old function's size, from its symbol.
     old_size: u64,
+    /// The old function's split pieces (`f.cold`, `f.part.N`), `[start, end)`: busy with it.
+    old_parts: Vec<(u64, u64)>,
 }
 
 struct ApplyPlan {

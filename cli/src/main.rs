@@ -162,7 +162,11 @@ enum Command {
     Describe {
         /// The target executable or library file.
         target: PathBuf,
-        /// The function's symbol.
+        /// The function's symbol: its ELF name (mangled for C++), or a demangled C++ name
+        /// with parameters (`ns::C::f(int)`, one overload) or without (`ns::C::f`, all).
+        /// Symbols come from `.symtab`, else a separate debug file (by build-id or
+        /// `.gnu_debuglink` under `KGPATCH_DEBUG_DIRS`, default `/usr/lib/debug`), else
+        /// `.dynsym`; each line says which.
         symbol: String,
         /// For a static function: its source file (the STT_FILE symbol, e.g. `server.c`).
         #[arg(long)]
@@ -390,11 +394,41 @@ fn describe(target: &std::path::Path, symbol: &str, file: Option<&str>, json: bo
             .checksum
             .map_or("0 /* no file bytes */".into(), |c| format!("{c:#018x}ULL"));
         let file = d.file.as_deref().unwrap_or("");
+        let source = match &d.debug_file {
+            Some(p) => format!("debug file {}", p.display()),
+            None => d.table.section_name().to_owned(),
+        };
         println!(
-            "{} {}#{} at {:#x}: size {} checksum {}",
+            "{} {}#{} at {:#x}: size {} checksum {} (from {source})",
             d.name, file, d.index, d.address, d.size, checksum
         );
-        if file.is_empty() {
+        if let Some(demangled) = &d.demangled {
+            println!("  demangled: {demangled}");
+        }
+        if let Some(base) = &d.clone_of {
+            println!(
+                "  compiler clone of {base}: its callers call it directly; patch it by this name"
+            );
+        }
+        for p in &d.parts {
+            println!(
+                "  split piece {} at {:#x}: size {} (part of this function: patched and checked with it)",
+                p.name, p.address, p.size
+            );
+        }
+        let nth = found.iter().filter(|o| o.name == d.name).count() > 1;
+        if nth {
+            println!(
+                "  KGPATCH_REPLACE_NTH(\"{}\", {}, {}, new_fn, {}, {});",
+                d.name,
+                d.file
+                    .as_ref()
+                    .map_or("\"\"".into(), |f| format!("\"{f}\"")),
+                d.index,
+                d.size,
+                checksum
+            );
+        } else if file.is_empty() {
             println!(
                 "  KGPATCH_REPLACE(\"{}\", new_fn, {}, {});",
                 d.name, d.size, checksum

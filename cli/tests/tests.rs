@@ -10,6 +10,7 @@ mod harness;
 mod attach;
 mod bad_input;
 mod cxx;
+mod debugsyms;
 mod failclosed;
 mod force;
 mod fork;

@@ -18,6 +18,7 @@ use crate::error::KmodError;
 use crate::manifest::Manifest;
 use crate::parse::parse_manifest;
 use crate::raw;
+use crate::{debugfile, names};
 
 /// Which symbol table a lookup used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -27,6 +28,9 @@ pub enum SymbolTable {
     Symtab,
     /// Only the dynamic `.dynsym` (the file is stripped): exported symbols only.
     Dynsym,
+    /// The `.symtab` of a separate debug file matched to the stripped file by build-id or
+    /// `.gnu_debuglink` CRC (its path is given beside).
+    DebugFile,
 }
 
 impl SymbolTable {
@@ -35,7 +39,13 @@ impl SymbolTable {
         match self {
             SymbolTable::Symtab => ".symtab",
             SymbolTable::Dynsym => ".dynsym",
+            SymbolTable::DebugFile => ".symtab of a separate debug file",
         }
+    }
+
+    /// Whether the table names local (static) symbols.
+    pub fn has_locals(self) -> bool {
+        self != SymbolTable::Dynsym
     }
 }
 
@@ -75,6 +85,9 @@ pub struct TargetSymbol {
     /// when the table is `.dynsym` (unnamed static functions may lie in between) or the
     /// section is unknown.
     pub room: u64,
+    /// Demangled forms of a C++ name (full signature, and without parameters).
+    #[serde(skip)]
+    pub(crate) demangled: Option<(String, String)>,
 }
 
 /// A `PT_LOAD` segment.
@@ -102,6 +115,8 @@ pub(crate) struct TargetInfo {
     pub path: PathBuf,
     pub build_id: Option<Vec<u8>>,
     pub table: SymbolTable,
+    /// The separate debug file the symbols came from (`table` is `DebugFile`).
+    pub debug_file: Option<PathBuf>,
     /// Defined symbols among the wanted names, in table order.
     pub symbols: Vec<TargetSymbol>,
     pub loads: Vec<LoadSegment>,
@@ -177,24 +192,153 @@ fn bad(path: &Path, e: object::Error) -> KmodError {
     }
 }
 
+/// Whether a symbol named `name` is kept for the wanted names: its own name, the name it
+/// was derived from (`f` for `f.cold`, `f.part.0`, `f.isra.0`), or, for a wanted demangled
+/// C++ name, its demangled forms (computed into `demangled`).
+fn keep(
+    name: &str,
+    wanted: Option<&HashSet<&str>>,
+    demangled: &mut Option<(String, String)>,
+) -> bool {
+    let Some(w) = wanted else {
+        *demangled = names::demangle(name);
+        return true;
+    };
+    if w.contains(name) || w.contains(names::base(name)) {
+        *demangled = names::demangle(name);
+        return true;
+    }
+    if !names::base(name).starts_with("_Z") || !w.iter().any(|q| names::looks_demangled(q)) {
+        return false;
+    }
+    let Some(d) = names::demangle(name) else {
+        return false;
+    };
+    let hit = w.iter().any(|q| *q == d.0 || *q == d.1);
+    if hit {
+        *demangled = Some(d);
+    }
+    hit
+}
+
 /// Reads a target file: build-id, the symbol table to use (`.symtab` when present and
-/// non-empty, else `.dynsym`), and its defined symbols whose name is in `wanted` (all when
-/// `None`).
+/// non-empty; else the `.symtab` of its separate debug file, found and checked as
+/// [`crate::debugfile`] says; else `.dynsym`), and its defined symbols whose name is in
+/// `wanted` (all when `None`), with the pieces and clones derived from those names.
 pub(crate) fn read_target(
     path: &Path,
     wanted: Option<&HashSet<&str>>,
 ) -> Result<TargetInfo, KmodError> {
     let cache = open(path)?;
     let elf = parse(path, &cache)?;
-    let e = elf.endian();
     let build_id = elf
         .build_id()
         .map_err(|err| bad(path, err))?
         .map(<[u8]>::to_vec);
-    let (table, syms) = if elf.elf_symbol_table().is_empty() {
-        (SymbolTable::Dynsym, elf.elf_dynamic_symbol_table())
+    let loads = loads(&elf);
+    if !elf.elf_symbol_table().is_empty() {
+        let symbols = read_symbols(path, &elf, false, wanted)?;
+        return Ok(TargetInfo {
+            path: path.to_owned(),
+            build_id,
+            table: SymbolTable::Symtab,
+            debug_file: None,
+            symbols,
+            loads,
+        });
+    }
+    // No names wanted (the build-id alone was asked for): no debug file to look for.
+    let search = wanted.is_none_or(|w| !w.is_empty());
+    let debug = match search {
+        true => find_debug_file(path, &elf, build_id.as_deref())?,
+        false => None,
+    };
+    if let Some(debug) = debug {
+        let dcache = open(&debug)?;
+        let delf = parse(&debug, &dcache)?;
+        if !delf.elf_symbol_table().is_empty() {
+            let symbols = read_symbols(&debug, &delf, false, wanted)?;
+            return Ok(TargetInfo {
+                path: path.to_owned(),
+                build_id,
+                table: SymbolTable::DebugFile,
+                debug_file: Some(debug),
+                symbols,
+                loads,
+            });
+        }
+    }
+    let symbols = read_symbols(path, &elf, true, wanted)?;
+    Ok(TargetInfo {
+        path: path.to_owned(),
+        build_id,
+        table: SymbolTable::Dynsym,
+        debug_file: None,
+        symbols,
+        loads,
+    })
+}
+
+/// The separate debug file of a stripped `binary`, if one is found whose build-id (by the
+/// `.build-id` path) or CRC32 (by `.gnu_debuglink`) matches. A candidate that does not
+/// match is passed over: its addresses could belong to another build.
+fn find_debug_file<'a>(
+    binary: &Path,
+    elf: &ElfFile64<'a, Endianness, &'a ReadCache<File>>,
+    build_id: Option<&[u8]>,
+) -> Result<Option<PathBuf>, KmodError> {
+    let dirs = debugfile::debug_dirs();
+    if let Some(id) = build_id {
+        for dir in &dirs {
+            let Some(p) = debugfile::build_id_path(dir, id) else {
+                continue;
+            };
+            if !p.is_file() {
+                continue;
+            }
+            let Ok(c) = open(&p) else { continue };
+            let Ok(d) = parse(&p, &c) else { continue };
+            if d.build_id().ok().flatten() == Some(id) {
+                return Ok(Some(p));
+            }
+        }
+    }
+    let Some(section) = elf.section_by_name(".gnu_debuglink") else {
+        return Ok(None);
+    };
+    let data = section.data().map_err(|err| bad(binary, err))?;
+    let little = elf.endian() == Endianness::Little;
+    let Some((link, crc)) = debugfile::parse_debuglink(data, little) else {
+        return Ok(None);
+    };
+    for p in debugfile::debuglink_paths(binary, &link, &dirs) {
+        if !p.is_file() || debugfile::file_crc32(&p).ok() != Some(crc) {
+            continue;
+        }
+        // A debug file that names a build-id must name the binary's.
+        let Ok(c) = open(&p) else { continue };
+        let Ok(d) = parse(&p, &c) else { continue };
+        match (d.build_id().ok().flatten(), build_id) {
+            (Some(a), Some(b)) if a != b => continue,
+            _ => return Ok(Some(p)),
+        }
+    }
+    Ok(None)
+}
+
+/// The defined symbols of one table of `elf` (`.dynsym` when `dynamic`) that [`keep`]
+/// keeps, with `room` computed when the table has every symbol's start.
+fn read_symbols<'a>(
+    path: &Path,
+    elf: &ElfFile64<'a, Endianness, &'a ReadCache<File>>,
+    dynamic: bool,
+    wanted: Option<&HashSet<&str>>,
+) -> Result<Vec<TargetSymbol>, KmodError> {
+    let e = elf.endian();
+    let syms = if dynamic {
+        elf.elf_dynamic_symbol_table()
     } else {
-        (SymbolTable::Symtab, elf.elf_symbol_table())
+        elf.elf_symbol_table()
     };
     // Read the whole string table once: looking names up one by one through the lazy
     // reader would cost a read per symbol.
@@ -232,7 +376,8 @@ pub(crate) fn read_target(
         let Ok(name) = core::str::from_utf8(name) else {
             continue;
         };
-        if wanted.is_some_and(|w| !w.contains(name)) {
+        let mut demangled = None;
+        if !keep(name, wanted, &mut demangled) {
             continue;
         }
         let kind = match st_type {
@@ -251,10 +396,11 @@ pub(crate) fn read_target(
             value: sym.st_value(e),
             size: sym.st_size(e),
             room: sym.st_size(e),
+            demangled,
         });
         sections_of.push(shndx);
     }
-    if table == SymbolTable::Symtab {
+    if !dynamic {
         starts.sort_unstable();
         let sections = elf.elf_section_table();
         for (s, &shndx) in symbols.iter_mut().zip(&sections_of) {
@@ -279,13 +425,7 @@ pub(crate) fn read_target(
             s.room = next - s.value;
         }
     }
-    Ok(TargetInfo {
-        path: path.to_owned(),
-        build_id,
-        table,
-        symbols,
-        loads: loads(&elf),
-    })
+    Ok(symbols)
 }
 
 /// The NUL-terminated string at `offset` of a string table.

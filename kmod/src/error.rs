@@ -10,6 +10,9 @@ use crate::parse::ManifestError;
 /// One symbol that matched an ambiguous lookup.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Candidate {
+    /// Its symbol name, when it differs from the name asked for (a demangled C++ name
+    /// matches every overload, each under its own mangled name).
+    pub name: Option<String>,
     /// The `STT_FILE` it follows, if local.
     pub file: Option<String>,
     /// Runtime address (link-time address when resolving a file alone).
@@ -20,6 +23,9 @@ pub struct Candidate {
 
 impl fmt::Display for Candidate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.name {
+            write!(f, "{name} ")?;
+        }
         match &self.file {
             Some(file) => write!(f, "{file} at {:#x}", self.address),
             None => write!(f, "global at {:#x}", self.address),
@@ -147,7 +153,7 @@ pub enum KmodError {
         path: PathBuf,
     },
     /// A local symbol (named with a file) was asked of a stripped target.
-    #[error("{symbol} names a file, but {} has no .symtab (it is stripped), so local symbols cannot be found; patch a build with symbols, or use a separate debug file", path.display())]
+    #[error("{symbol} names a file, but {} has no .symtab (it is stripped), and no matching separate debug file was found (by build-id or .gnu_debuglink under KGPATCH_DEBUG_DIRS, default /usr/lib/debug), so local symbols cannot be found; install its debug file or patch a build with symbols", path.display())]
     NeedsSymtab {
         /// Symbol.
         symbol: SymbolSpec,

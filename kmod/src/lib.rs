@@ -65,6 +65,8 @@ pub mod author;
 mod cast;
 pub mod checksum;
 #[cfg(feature = "loader")]
+pub mod debugfile;
+#[cfg(feature = "loader")]
 mod elf;
 #[cfg(feature = "loader")]
 mod encode;
@@ -74,6 +76,8 @@ mod error;
 mod live;
 #[cfg(feature = "loader")]
 mod manifest;
+#[cfg(feature = "loader")]
+mod names;
 #[cfg(feature = "loader")]
 mod parse;
 pub mod raw;
@@ -97,5 +101,5 @@ pub use parse::{parse_manifest, ManifestError};
 #[cfg(feature = "loader")]
 pub use resolve::{
     describe_symbol, file_build_id, find_target, resolve_against, LoadedObject, ResolveOptions,
-    Resolved, ResolvedFunction, ResolvedSlot, SymbolDescription,
+    Resolved, ResolvedFunction, ResolvedSlot, SplitPart, SymbolDescription,
 };

@@ -12,6 +12,7 @@ use crate::checksum::fnv1a64;
 use crate::elf::{read_target, soname, ModuleFile, SymKind, SymbolTable, TargetInfo, TargetSymbol};
 use crate::error::{Candidate, KmodError};
 use crate::manifest::{BuildId, Manifest, RefKind, SymbolSpec, TargetKind};
+use crate::names;
 
 /// One object loaded in a process (from `dl_iterate_phdr`, or made up by a test).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -58,6 +59,9 @@ pub struct ResolvedFunction {
     /// `st_size` of the replacement in the module (its code is
     /// `[new_address, new_address + new_size)`).
     pub new_size: u64,
+    /// Runtime code ranges `[start, end)` of the old function's split pieces (`f.cold`,
+    /// `f.part.N`): a thread running in one of them is inside the old function.
+    pub old_parts: Vec<(u64, u64)>,
 }
 
 /// A reference slot, resolved.
@@ -82,6 +86,8 @@ pub struct Resolved {
     pub target_bias: u64,
     /// The symbol table used.
     pub table: SymbolTable,
+    /// The separate debug file whose `.symtab` was used (`table` is `DebugFile`).
+    pub debug_file: Option<PathBuf>,
     /// Replaced functions, in manifest order.
     pub functions: Vec<ResolvedFunction>,
     /// Slots, in manifest order.
@@ -96,7 +102,7 @@ impl fmt::Display for Resolved {
             self.patch,
             self.target_file.display(),
             self.target_bias,
-            self.table.section_name()
+            source_name(self.table, self.debug_file.as_deref())
         )?;
         for func in &self.functions {
             writeln!(
@@ -104,6 +110,9 @@ impl fmt::Display for Resolved {
                 "  {} at {:#x} ({} bytes) -> `{}` at {:#x}",
                 func.old, func.old_address, func.old_size, func.new_symbol, func.new_address
             )?;
+            for (start, end) in &func.old_parts {
+                writeln!(f, "    split piece at {start:#x} ({} bytes)", end - start)?;
+            }
         }
         for slot in &self.slots {
             writeln!(
@@ -114,6 +123,25 @@ impl fmt::Display for Resolved {
         }
         Ok(())
     }
+}
+
+/// Where symbols came from, for people: `.symtab`, `.dynsym`, or the debug file's path.
+fn source_name(table: SymbolTable, debug_file: Option<&Path>) -> String {
+    match (table, debug_file) {
+        (SymbolTable::DebugFile, Some(p)) => format!(".symtab of {}", p.display()),
+        (t, _) => t.section_name().to_owned(),
+    }
+}
+
+/// A piece of a split function (`f.cold`, `f.part.N`): part of `f`'s code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SplitPart {
+    /// Its symbol name.
+    pub name: String,
+    /// Link-time address.
+    pub address: u64,
+    /// `st_size`.
+    pub size: u64,
 }
 
 /// Description of one candidate symbol of a target file, for patch authors: the values to
@@ -137,6 +165,15 @@ pub struct SymbolDescription {
     pub checksum: Option<u64>,
     /// The table it came from.
     pub table: SymbolTable,
+    /// The separate debug file of that table (`table` is `DebugFile`).
+    pub debug_file: Option<PathBuf>,
+    /// The demangled C++ signature, for a mangled name.
+    pub demangled: Option<String>,
+    /// For a compiler clone (`f.isra.0`, `f.constprop.0`): the name it was cloned from. A
+    /// clone is patched by its own name; its callers do not go through the original.
+    pub clone_of: Option<String>,
+    /// The split pieces of the function, patched and checked with it.
+    pub parts: Vec<SplitPart>,
 }
 
 fn hex_opt<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
@@ -149,6 +186,12 @@ fn hex_opt<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Erro
 impl fmt::Display for SymbolDescription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.name)?;
+        if let Some(d) = &self.demangled {
+            write!(f, " [{d}]")?;
+        }
+        if let Some(c) = &self.clone_of {
+            write!(f, " (clone of {c})")?;
+        }
         if let Some(file) = &self.file {
             write!(f, " in {file}")?;
         }
@@ -160,12 +203,26 @@ impl fmt::Display for SymbolDescription {
         if let Some(sum) = self.checksum {
             write!(f, ", checksum {sum:#018x}")?;
         }
-        write!(f, " ({})", self.table.section_name())
+        write!(
+            f,
+            " ({})",
+            source_name(self.table, self.debug_file.as_deref())
+        )?;
+        for p in &self.parts {
+            write!(
+                f,
+                "; split piece {} at {:#x}, size {}",
+                p.name, p.address, p.size
+            )?;
+        }
+        Ok(())
     }
 }
 
 /// Lists the symbols of `target` named `symbol` (restricted to the local symbols of `file`
-/// when given), with the size and checksum a patch entry must carry.
+/// when given), with the size and checksum a patch entry must carry, the split pieces of
+/// each, and the compiler clones of the name. `symbol` may be a demangled C++ name, with
+/// parameters (`ns::C::f(int)`: that overload) or without (`ns::C::f`: every overload).
 pub fn describe_symbol(
     target: impl AsRef<Path>,
     symbol: &str,
@@ -178,27 +235,89 @@ pub fn describe_symbol(
         file: file.map(str::to_owned),
         index: None,
     };
-    candidates(&info, &spec)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let checksum = if s.size > 0 {
-                info.read_vaddr(s.value, s.size)?.map(|b| fnv1a64(&b))
-            } else {
-                None
-            };
-            Ok(SymbolDescription {
-                name: s.name.clone(),
-                file: s.file.clone(),
-                index: i as u32,
-                kind: s.kind,
-                address: s.value,
-                size: s.size,
-                checksum,
-                table: info.table,
-            })
-        })
-        .collect()
+    let mut listed = candidates(&info, &spec);
+    // Clones of the name (or of a listed overload), each patched by its own name.
+    for s in &info.symbols {
+        let is_clone_here = names::split_owner(&s.name).is_none()
+            && names::is_clone(&s.name)
+            && file_ok(s, file)
+            && (names::base(&s.name) == symbol
+                || listed.iter().any(|c| c.name == names::base(&s.name))
+                || s.demangled
+                    .as_ref()
+                    .is_some_and(|(full, short)| full == symbol || short == symbol));
+        if is_clone_here
+            && !listed
+                .iter()
+                .any(|o| o.name == s.name && o.value == s.value)
+        {
+            listed.push(s);
+        }
+    }
+    let mut out = Vec::with_capacity(listed.len());
+    for s in listed {
+        let checksum = if s.size > 0 {
+            info.read_vaddr(s.value, s.size)?.map(|b| fnv1a64(&b))
+        } else {
+            None
+        };
+        let index = out
+            .iter()
+            .filter(|d: &&SymbolDescription| d.name == s.name)
+            .count() as u32;
+        out.push(SymbolDescription {
+            name: s.name.clone(),
+            file: s.file.clone(),
+            index,
+            kind: s.kind,
+            address: s.value,
+            size: s.size,
+            checksum,
+            table: info.table,
+            debug_file: info.debug_file.clone(),
+            demangled: s.demangled.as_ref().map(|d| d.0.clone()),
+            clone_of: names::is_clone(&s.name).then(|| names::base(&s.name).to_owned()),
+            parts: split_parts(&info, s)
+                .into_iter()
+                .map(|p| SplitPart {
+                    name: p.name.clone(),
+                    address: p.value,
+                    size: p.size,
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn file_ok(s: &TargetSymbol, want: Option<&str>) -> bool {
+    match (want, &s.file) {
+        (None, _) => true,
+        (Some(w), Some(f)) => file_matches(f, w),
+        (Some(_), None) => false,
+    }
+}
+
+/// The split pieces (`f.cold`, `f.part.N`, `f.part.N.cold`) of function `owner`: functions
+/// of the table named after it, in its file when it is local (pieces are always local).
+fn split_parts<'a>(info: &'a TargetInfo, owner: &TargetSymbol) -> Vec<&'a TargetSymbol> {
+    let mut out: Vec<&TargetSymbol> = Vec::new();
+    if owner.kind != SymKind::Function {
+        return out;
+    }
+    for s in &info.symbols {
+        if s.kind != SymKind::Function
+            || s.size == 0
+            || names::split_owner(&s.name) != Some(owner.name.as_str())
+            || (owner.local && s.file != owner.file)
+        {
+            continue;
+        }
+        if !out.iter().any(|o| o.value == s.value) {
+            out.push(s);
+        }
+    }
+    out
 }
 
 /// The GNU build-id of an ELF file, for `KGPATCH_TARGET_*_BUILD_ID` / `build_id:`.
@@ -218,7 +337,7 @@ fn file_matches(sym_file: &str, wanted: &str) -> bool {
 fn candidates<'a>(info: &'a TargetInfo, spec: &SymbolSpec) -> Vec<&'a TargetSymbol> {
     let mut out: Vec<&TargetSymbol> = Vec::new();
     for s in &info.symbols {
-        if s.name != spec.name {
+        if !names::answers_to(&s.name, s.demangled.as_ref(), &spec.name) {
             continue;
         }
         if let Some(want) = &spec.file {
@@ -240,7 +359,7 @@ enum Lookup<'a> {
 }
 
 fn lookup<'a>(info: &'a TargetInfo, spec: &SymbolSpec, bias: u64) -> Result<Lookup<'a>, KmodError> {
-    if spec.file.is_some() && info.table == SymbolTable::Dynsym {
+    if spec.file.is_some() && !info.table.has_locals() {
         return Err(KmodError::NeedsSymtab {
             symbol: spec.clone(),
             path: info.path.clone(),
@@ -260,6 +379,7 @@ fn lookup<'a>(info: &'a TargetInfo, spec: &SymbolSpec, bias: u64) -> Result<Look
                 candidates: many
                     .iter()
                     .map(|s| Candidate {
+                        name: (s.name != spec.name).then(|| s.name.clone()),
                         file: s.file.clone(),
                         address: bias.wrapping_add(s.value),
                         size: s.size,
@@ -355,7 +475,14 @@ pub fn resolve_against(
         }
     }
     let bias = target.bias;
-    let table = info.table.section_name();
+    let table = match info.table {
+        SymbolTable::Dynsym => ".dynsym (the file is stripped and no matching separate debug file was found under KGPATCH_DEBUG_DIRS or /usr/lib/debug)",
+        t => t.section_name(),
+    };
+    let runtime = |s: &TargetSymbol| {
+        let start = bias.wrapping_add(s.value);
+        (start, start.wrapping_add(s.size))
+    };
 
     let mut functions = Vec::with_capacity(manifest.functions.len());
     for entry in &manifest.functions {
@@ -437,6 +564,7 @@ pub fn resolve_against(
             new_symbol: entry.new_symbol.clone(),
             new_address: module_bias.wrapping_add(new),
             new_size,
+            old_parts: split_parts(&info, sym).into_iter().map(runtime).collect(),
         });
     }
 
@@ -485,6 +613,7 @@ pub fn resolve_against(
         target_file: info.path.clone(),
         target_bias: bias,
         table: info.table,
+        debug_file: info.debug_file.clone(),
         functions,
         slots,
     })
