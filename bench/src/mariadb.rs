@@ -371,7 +371,15 @@ pub fn run(built: &Built, quick: bool) -> Value {
         println!("skipped: {e}");
         return json!({"skipped": e.to_string()});
     }
+    let t0 = Instant::now();
+    let phase = |what: &str| {
+        eprintln!(
+            "kgpatch-bench: mariadb {what} at {:.1} s",
+            t0.elapsed().as_secs_f64()
+        )
+    };
     let tools = Tools::get().unwrap_or_else(|e| panic!("{e}"));
+    phase("tools ready");
     let mut db = MariaDb::start(
         &MariaDbOptions::default()
             .env("LD_PRELOAD", &built.agent_so)
@@ -379,6 +387,7 @@ pub fn run(built: &Built, quick: bool) -> Value {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     crate::agent::Agent::connect(built, db.pid()); // the agent listens
+    phase("server up");
 
     let bin = Path::new(kgpatch_db::MARIADBD);
     let functions = ["my_hrtime", "my_interval_timer"]
@@ -391,7 +400,9 @@ pub fn run(built: &Built, quick: bool) -> Value {
         &functions,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    phase("patch built");
     let sb = Sysbench::prepare(&db, TABLES, TABLE_SIZE).unwrap_or_else(|e| panic!("{e}"));
+    phase("tables loaded");
     let cli = Cli {
         kgpatch: tools.kgpatch(),
         runtime_dir: &built.runtime_dir,
@@ -439,10 +450,12 @@ pub fn run(built: &Built, quick: bool) -> Value {
             done.push(one);
         }
     }
+    phase("rounds done");
     let bad_tables = sb.check_tables(&db).unwrap_or_else(|e| panic!("{e}"));
     let alive = db.alive();
     let shutdown = db.stop(Duration::from_secs(60));
     let clean_shutdown = matches!(&shutdown, Ok(s) if s.success());
+    phase("server stopped");
 
     let of = |mode: Mode| done.iter().filter(|r| r.mode == mode).collect::<Vec<_>>();
     let sums: Vec<(Mode, Summary)> = Mode::ALL.iter().map(|&m| (m, summarize(&of(m)))).collect();
