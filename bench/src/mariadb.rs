@@ -239,9 +239,15 @@ struct Round {
     mode: Mode,
     report: SysbenchReport,
     stats: LoopStats,
+    /// mariadbd's CPU time (user + system, every thread, the agent's included) in the round.
+    server_cpu_ms: f64,
 }
 
 impl Round {
+    /// The server's CPU per transaction, µs.
+    fn cpu_per_txn_us(&self) -> f64 {
+        self.server_cpu_ms * 1000.0 / self.report.transactions.max(1) as f64
+    }
     fn p95(&self) -> f64 {
         self.report.percentile(95.0).unwrap_or(f64::NAN)
     }
@@ -250,7 +256,15 @@ impl Round {
     }
 }
 
+/// mariadbd's CPU time so far, ms (USER_HZ = 100).
+fn server_cpu_ms(pid: u32) -> f64 {
+    kgpatch_sys::proc::cpu_ticks(kgpatch_sys::proc::Pid::Other(pid as i32)).unwrap_or(0) as f64
+        * 10.0
+}
+
 fn round(cli: &Cli, sb: &Sysbench, mode: Mode, secs: Duration) -> Round {
+    let pid: u32 = cli.pid.parse().expect("a pid");
+    let cpu0 = server_cpu_ms(pid);
     let running = Running(Some(
         sb.start_histogram(CONNECTIONS, secs)
             .unwrap_or_else(|e| panic!("{e}")),
@@ -277,6 +291,7 @@ fn round(cli: &Cli, sb: &Sysbench, mode: Mode, secs: Duration) -> Round {
         mode,
         report,
         stats,
+        server_cpu_ms: server_cpu_ms(pid) - cpu0,
     }
 }
 
@@ -292,6 +307,7 @@ struct Summary {
     cycles: u64,
     cli_calls: u64,
     cli_wall: f64,
+    cpu_per_txn_us: f64,
     transitions: usize,
     transition_ms: f64,
     apply_ms: f64,
@@ -321,6 +337,7 @@ fn summarize(rounds: &[&Round]) -> Summary {
         cycles: rounds.iter().map(|r| r.stats.cycles).sum(),
         cli_calls: rounds.iter().map(|r| r.stats.cli_calls).sum(),
         cli_wall: median(&mut all(&|s| &s.cli_wall_ms)),
+        cpu_per_txn_us: med(&|r| r.cpu_per_txn_us()),
         transitions: transitions.len(),
         transition_ms: median(&mut transitions),
         apply_ms: median(&mut all(&|s| &s.apply_ms)),
@@ -451,6 +468,11 @@ pub fn run(built: &Built, quick: bool) -> Value {
         }
     }
     phase("rounds done");
+    let agent_status = crate::agent::Agent::connect(built, db.pid()).status();
+    let threads = kgpatch_sys::proc::status(kgpatch_sys::proc::Pid::Other(db.pid() as i32))
+        .ok()
+        .and_then(|s| s.threads)
+        .unwrap_or(0);
     let bad_tables = sb.check_tables(&db).unwrap_or_else(|e| panic!("{e}"));
     let alive = db.alive();
     let shutdown = db.stop(Duration::from_secs(60));
@@ -473,16 +495,17 @@ pub fn run(built: &Built, quick: bool) -> Value {
         )
     };
 
-    println!("| mode | TPS | p95 (ms) | p99 (ms) | max (ms) | errors | reconnects | deadlocks retried | cycles | CLI calls (median wall ms) | transitions | transition median (ms): all / apply / revert |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("| mode | TPS | p95 (ms) | p99 (ms) | max (ms) | server CPU per txn (µs) | errors | reconnects | deadlocks retried | cycles | CLI calls (median wall ms) | transitions | transition median (ms): all / apply / revert |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for (mode, s) in &sums {
         println!(
-            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} / {} / {} |",
+            "| {} | {:.1} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} ({}) | {} | {} / {} / {} |",
             mode.label(),
             s.tps,
             ms(s.p95),
             ms(s.p99),
             ms(s.max),
+            s.cpu_per_txn_us,
             s.failures.len(),
             s.reconnects,
             s.ignored,
@@ -545,6 +568,39 @@ pub fn run(built: &Built, quick: bool) -> Value {
             Err(e) => e.to_string(),
         }
     );
+    let (h, held) = (&agent_status.handler, &agent_status.halted);
+    let kg_transitions = get(Mode::Kgpatch).transitions + 2; // + the single apply and revert
+    println!(
+        "mariadbd: {threads} threads at the end. kgpatch's migration handler: {} runs over {kg_transitions} transitions \
+         ({:.1} per transition), p50 / p99 / max {:.1} / {:.1} / {:.1} µs; stop-the-world hold p50 / p99 / max {:.2} / {:.2} / {:.2} ms ({} rendezvous).",
+        h.count,
+        h.count as f64 / kg_transitions as f64,
+        crate::us(h.p50_ns),
+        crate::us(h.p99_ns),
+        crate::us(h.max_ns),
+        crate::us(held.p50_ns) / 1000.0,
+        crate::us(held.p99_ns) / 1000.0,
+        crate::us(held.max_ns) / 1000.0,
+        held.count
+    );
+    // The server CPU a transition costs beyond the control's CLI calls: the extra CPU per
+    // transaction, times the transactions of a round, over the transitions of a round.
+    let extra_cpu = |mode: Mode| {
+        let s = get(mode);
+        let txns = median(
+            &mut of(mode)
+                .iter()
+                .map(|r| r.report.transactions as f64)
+                .collect::<Vec<_>>(),
+        );
+        (s.cpu_per_txn_us - control.cpu_per_txn_us) / 1000.0 * txns
+            / (s.transitions as f64 / s.rounds as f64)
+    };
+    println!(
+        "mariadbd CPU beyond the control, per transition (from CPU per transaction): kgpatch ≈ {} ms, stop-the-world ≈ {} ms.",
+        ms(extra_cpu(Mode::Kgpatch)),
+        ms(extra_cpu(Mode::StopTheWorld))
+    );
     for (mode, s) in &sums {
         for f in s.failures.iter().take(5) {
             println!("  {} failure: {f}", mode.key());
@@ -572,6 +628,7 @@ pub fn run(built: &Built, quick: bool) -> Value {
             "cycles": s.cycles,
             "cli_calls": s.cli_calls,
             "cli_wall_median_ms": s.cli_wall,
+            "server_cpu_per_txn_us": s.cpu_per_txn_us,
             "transitions": s.transitions,
             "transition_median_ms": s.transition_ms,
             "apply_median_ms": s.apply_ms,
@@ -584,6 +641,7 @@ pub fn run(built: &Built, quick: bool) -> Value {
                 "cycles": r.stats.cycles, "cli_calls": r.stats.cli_calls,
                 "apply_ms": r.stats.apply_ms, "revert_ms": r.stats.revert_ms,
                 "failures": r.stats.failures.len(),
+                "server_cpu_ms": r.server_cpu_ms,
             })).collect::<Vec<_>>(),
             "rounds_run": s.rounds,
         })
@@ -614,6 +672,16 @@ pub fn run(built: &Built, quick: bool) -> Value {
             "first_apply_cli_wall_ms": single_apply_wall,
             "first_revert_ms": first_revert,
             "warmup_tps": warm_report.tps,
+        },
+        "agent": {
+            "threads_at_end": threads,
+            "migration_handler": crate::times_json(h),
+            "migration_handler_runs_per_kgpatch_transition": h.count as f64 / kg_transitions as f64,
+            "stop_the_world_hold": crate::times_json(held),
+            "server_cpu_per_transition_beyond_control_ms": {
+                "kgpatch": extra_cpu(Mode::Kgpatch),
+                "stop_the_world": extra_cpu(Mode::StopTheWorld),
+            },
         },
         "after": {
             "alive": alive,
