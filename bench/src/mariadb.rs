@@ -241,6 +241,8 @@ struct Round {
     stats: LoopStats,
     /// mariadbd's CPU time (user + system, every thread, the agent's included) in the round.
     server_cpu_ms: f64,
+    /// The agent thread's CPU time in the round.
+    agent_cpu_ms: f64,
 }
 
 impl Round {
@@ -262,9 +264,26 @@ fn server_cpu_ms(pid: u32) -> f64 {
         * 10.0
 }
 
+/// The CPU time so far of mariadbd's `kgpatch-agent` thread, ms (0 if not found).
+fn agent_cpu_ms(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "kgpatch-agent")
+        })
+        .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .and_then(|stat| kgpatch_sys::proc::parse_stat_cpu_ticks(&stat))
+        .map_or(0.0, |ticks| ticks as f64 * 10.0)
+}
+
 fn round(cli: &Cli, sb: &Sysbench, mode: Mode, secs: Duration) -> Round {
     let pid: u32 = cli.pid.parse().expect("a pid");
     let cpu0 = server_cpu_ms(pid);
+    let agent0 = agent_cpu_ms(pid);
     let running = Running(Some(
         sb.start_histogram(CONNECTIONS, secs)
             .unwrap_or_else(|e| panic!("{e}")),
@@ -292,6 +311,7 @@ fn round(cli: &Cli, sb: &Sysbench, mode: Mode, secs: Duration) -> Round {
         report,
         stats,
         server_cpu_ms: server_cpu_ms(pid) - cpu0,
+        agent_cpu_ms: agent_cpu_ms(pid) - agent0,
     }
 }
 
@@ -308,6 +328,8 @@ struct Summary {
     cli_calls: u64,
     cli_wall: f64,
     cpu_per_txn_us: f64,
+    /// The agent thread's CPU per transition (median over rounds), ms.
+    agent_cpu_per_transition_ms: f64,
     transitions: usize,
     transition_ms: f64,
     apply_ms: f64,
@@ -338,6 +360,14 @@ fn summarize(rounds: &[&Round]) -> Summary {
         cli_calls: rounds.iter().map(|r| r.stats.cli_calls).sum(),
         cli_wall: median(&mut all(&|s| &s.cli_wall_ms)),
         cpu_per_txn_us: med(&|r| r.cpu_per_txn_us()),
+        agent_cpu_per_transition_ms: med(&|r| {
+            let n = r.stats.apply_ms.len() + r.stats.revert_ms.len();
+            if n == 0 {
+                f64::NAN
+            } else {
+                r.agent_cpu_ms / n as f64
+            }
+        }),
         transitions: transitions.len(),
         transition_ms: median(&mut transitions),
         apply_ms: median(&mut all(&|s| &s.apply_ms)),
@@ -597,9 +627,12 @@ pub fn run(built: &Built, quick: bool) -> Value {
             / (s.transitions as f64 / s.rounds as f64)
     };
     println!(
-        "mariadbd CPU beyond the control, per transition (from CPU per transaction): kgpatch ≈ {} ms, stop-the-world ≈ {} ms.",
+        "mariadbd CPU beyond the control, per transition (from CPU per transaction): kgpatch ≈ {} ms, stop-the-world ≈ {} ms; \
+         of it the agent thread's (10 ms ticks, median over rounds): {} ms and {} ms.",
         ms(extra_cpu(Mode::Kgpatch)),
-        ms(extra_cpu(Mode::StopTheWorld))
+        ms(extra_cpu(Mode::StopTheWorld)),
+        ms(get(Mode::Kgpatch).agent_cpu_per_transition_ms),
+        ms(get(Mode::StopTheWorld).agent_cpu_per_transition_ms)
     );
     for (mode, s) in &sums {
         for f in s.failures.iter().take(5) {
@@ -629,6 +662,7 @@ pub fn run(built: &Built, quick: bool) -> Value {
             "cli_calls": s.cli_calls,
             "cli_wall_median_ms": s.cli_wall,
             "server_cpu_per_txn_us": s.cpu_per_txn_us,
+            "agent_cpu_per_transition_ms": s.agent_cpu_per_transition_ms,
             "transitions": s.transitions,
             "transition_median_ms": s.transition_ms,
             "apply_median_ms": s.apply_ms,
@@ -642,6 +676,7 @@ pub fn run(built: &Built, quick: bool) -> Value {
                 "apply_ms": r.stats.apply_ms, "revert_ms": r.stats.revert_ms,
                 "failures": r.stats.failures.len(),
                 "server_cpu_ms": r.server_cpu_ms,
+                "agent_cpu_ms": r.agent_cpu_ms,
             })).collect::<Vec<_>>(),
             "rounds_run": s.rounds,
         })
