@@ -9,6 +9,7 @@
 //! 3. The demo server's request latency under closed-loop load: no patching; an apply/revert
 //!    loop with kgpatch; the same loop stop-the-world.
 //! 4. The idle agent's CPU and memory, and the unwind index's size.
+//! 5. MariaDB under sysbench: none, a control loop, kgpatch, stop-the-world (`mariadb.rs`).
 //!
 //! The redirect crate's per-call overhead has its own bench: `cargo bench -p kgpatch-redirect`.
 //!
@@ -25,6 +26,7 @@
 
 mod agent;
 mod attach;
+mod mariadb;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -66,7 +68,7 @@ fn options() -> Options {
             }
             "--only" => opts.only = args.next(),
             "-h" | "--help" => {
-                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach]");
+                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach|mariadb]");
                 std::process::exit(0);
             }
             other => {
@@ -355,6 +357,9 @@ fn main() {
     }
     if wanted("attach") {
         report["attach"] = attach::run(opts.quick, opts.threads.as_deref());
+    }
+    if wanted("mariadb") {
+        report["mariadb"] = mariadb::run(&built, opts.quick);
     }
     if let Some(dir) = opts.json.parent() {
         let _ = std::fs::create_dir_all(dir);

@@ -16,7 +16,7 @@ mod mariadb;
 mod patch;
 mod sysbench;
 
-pub use mariadb::{MariaDb, MariaDbOptions, ThreadHandling};
+pub use mariadb::{MariaDb, MariaDbOptions, ThreadHandling, MARIADBD};
 pub use patch::{build_patch, describe, Described};
 pub use sysbench::{Sysbench, SysbenchReport};
 

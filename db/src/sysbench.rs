@@ -32,6 +32,9 @@ pub struct SysbenchReport {
     pub percentile_ms: f64,
     /// Latency max, ms.
     pub max_ms: f64,
+    /// sysbench's latency histogram (`--histogram=on`, see [`Sysbench::start_histogram`]):
+    /// (bucket value in ms, transactions), ascending; empty when it was not asked for.
+    pub histogram: Vec<(f64, u64)>,
 }
 
 impl Sysbench {
@@ -80,7 +83,22 @@ impl Sysbench {
             })
     }
 
-    /// Waits for a run started by [`Sysbench::start`]; fails when sysbench failed (a query
+    /// As [`Sysbench::start`] with `--histogram=on`: the report then carries sysbench's
+    /// latency histogram, from which [`SysbenchReport::percentile`] reads any percentile of
+    /// the run (sysbench itself prints only the one of `--percentile`, here 99).
+    pub fn start_histogram(&self, threads: u32, time: Duration) -> Result<Child, Error> {
+        self.command("run", threads, Some(time), 99)
+            .arg("--histogram=on")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::Io {
+                what: "starting sysbench run".into(),
+                source,
+            })
+    }
+
+    /// Waits for a run started by [`Sysbench::start`] or [`Sysbench::start_histogram`]; fails when sysbench failed (a query
     /// error it does not ignore ends the run with a non-zero status).
     pub fn finish(child: Child) -> Result<SysbenchReport, Error> {
         let out = child.wait_with_output().map_err(|source| Error::Io {
@@ -142,6 +160,19 @@ impl SysbenchReport {
             .and_then(|v| v.trim().parse().ok())
             .ok_or_else(|| missing("latency percentile"))?;
         let (max_ms, _) = find("max:").ok_or_else(|| missing("latency max"))?;
+        // "Latency histogram (values are in milliseconds)", a header, then
+        // "       1.728 |**********                               51" up to a blank line.
+        let histogram = text
+            .lines()
+            .skip_while(|l| !l.starts_with("Latency histogram"))
+            .skip(2)
+            .take_while(|l| l.contains('|'))
+            .filter_map(|l| {
+                let (value, bar) = l.split_once('|')?;
+                let count = bar.split_whitespace().last()?.parse().ok()?;
+                Some((value.trim().parse().ok()?, count))
+            })
+            .collect();
         Ok(SysbenchReport {
             transactions: transactions as u64,
             tps: tps.unwrap_or(0.0),
@@ -149,6 +180,20 @@ impl SysbenchReport {
             reconnects: reconnects as u64,
             percentile_ms: pct,
             max_ms,
+            histogram,
+        })
+    }
+
+    /// The `pct`th latency percentile in ms from the histogram, computed as sysbench computes
+    /// its own (the first bucket at which the running count reaches `pct` % of all
+    /// transactions); `None` without a histogram.
+    pub fn percentile(&self, pct: f64) -> Option<f64> {
+        let total: u64 = self.histogram.iter().map(|&(_, n)| n).sum();
+        let goal = total as f64 * pct / 100.0;
+        let mut seen = 0;
+        self.histogram.iter().find_map(|&(value, n)| {
+            seen += n;
+            (seen as f64 >= goal).then_some(value)
         })
     }
 }
@@ -175,5 +220,40 @@ mod tests {
         assert!((r.percentile_ms - 46.63).abs() < 1e-9);
         assert!((r.max_ms - 72.74).abs() < 1e-9);
         assert!(SysbenchReport::parse("nothing").is_err());
+        assert!(r.histogram.is_empty());
+        assert_eq!(r.percentile(99.0), None);
+    }
+
+    #[test]
+    fn reads_the_histogram_and_its_percentiles() {
+        // Trimmed from a real `sysbench --histogram=on` run: 100 transactions.
+        let text = "Threads started!\n\nLatency histogram (values are in milliseconds)\n\
+            \x20      value  ------------- distribution ------------- count\n\
+            \x20      0.715 |*********                                50\n\
+            \x20      1.728 |*******                                  40\n\
+            \x20      9.057 |*                                        5\n\
+            \x20     10.090 |                                         4\n\
+            \x20     13.704 |                                         1\n \n\
+            SQL statistics:\n\
+            \x20   transactions:                        100   (33.3 per sec.)\n\
+            \x20   ignored errors:                      0      (0.00 per sec.)\n\
+            \x20   reconnects:                          0      (0.00 per sec.)\n\
+            Latency (ms):\n         max:                                   13.71\n\
+            \x20        99th percentile:                       10.09\n";
+        let r = SysbenchReport::parse(text).unwrap();
+        assert_eq!(
+            r.histogram,
+            vec![
+                (0.715, 50),
+                (1.728, 40),
+                (9.057, 5),
+                (10.090, 4),
+                (13.704, 1)
+            ]
+        );
+        assert_eq!(r.percentile(50.0), Some(0.715));
+        assert_eq!(r.percentile(95.0), Some(9.057));
+        assert_eq!(r.percentile(99.0), Some(10.090));
+        assert_eq!(r.percentile(100.0), Some(13.704));
     }
 }
