@@ -746,6 +746,14 @@ impl Driver {
         })
     }
 
+    /// Takes `ns` of the agent thread's CPU out of the cost of the transition in progress
+    /// (serving status requests meanwhile is not its work).
+    pub fn exclude_cpu(&mut self, ns: u64) {
+        if self.pending.is_some() {
+            self.cost.exclude_cpu(ns);
+        }
+    }
+
     /// When the driver next needs to run, if a transition is in progress.
     pub fn next_wakeup(&self) -> Option<Instant> {
         self.pending.as_ref().map(|p| p.next_sweep.min(p.deadline))

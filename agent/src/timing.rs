@@ -212,6 +212,8 @@ pub(crate) fn decide(
 #[derive(Debug, Default)]
 pub(crate) struct TransitionCost {
     cpu_start_ns: u64,
+    /// Agent CPU spent meanwhile on other work (status requests).
+    cpu_excluded_ns: u64,
     traps_start: u64,
     rounds: u64,
     skipped: u64,
@@ -219,6 +221,9 @@ pub(crate) struct TransitionCost {
     signalled: Vec<i32>,
     /// Threads the skip rule spares, by tid.
     watches: Vec<(i32, Watch)>,
+    /// `KGPATCH_SKIP_RULE=off`: every pending thread is signalled every round (to measure
+    /// what the rule saves).
+    rule_off: bool,
 }
 
 fn traps_taken() -> u64 {
@@ -233,8 +238,14 @@ impl TransitionCost {
         TransitionCost {
             cpu_start_ns: thread_cpu_ns(),
             traps_start: traps_taken(),
+            rule_off: std::env::var_os("KGPATCH_SKIP_RULE").is_some_and(|v| v == "off"),
             ..TransitionCost::default()
         }
+    }
+
+    /// Takes `ns` of agent CPU spent on other work out of the transition's cost.
+    pub(crate) fn exclude_cpu(&mut self, ns: u64) {
+        self.cpu_excluded_ns += ns;
     }
 
     /// Forgets every watch (the goal changed, or the check was lifted).
@@ -256,7 +267,7 @@ impl TransitionCost {
                 .map(|&(_, w)| w);
             let was_signalled = self.signalled.contains(&tid);
             // Reading /proc costs agent CPU: only for threads the rule could spare.
-            let d = if final_round || (watch.is_none() && !was_signalled) {
+            let d = if self.rule_off || final_round || (watch.is_none() && !was_signalled) {
                 Decision::Signal
             } else {
                 let last = was_signalled
@@ -297,7 +308,10 @@ impl TransitionCost {
             max_thread_handler_ns: threads.max_thread_ns,
             max_handler_ns: threads.max_run_ns,
             total_handler_ns: threads.total_ns,
-            agent_cpu_us: thread_cpu_ns().saturating_sub(self.cpu_start_ns) / 1000,
+            agent_cpu_us: thread_cpu_ns()
+                .saturating_sub(self.cpu_start_ns)
+                .saturating_sub(self.cpu_excluded_ns)
+                / 1000,
             table_full: threads.full,
         }
     }

@@ -25,6 +25,7 @@
 
 mod agent;
 mod attach;
+mod cost;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ fn options() -> Options {
             }
             "--only" => opts.only = args.next(),
             "-h" | "--help" => {
-                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach]");
+                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach|cost]");
                 std::process::exit(0);
             }
             other => {
@@ -355,6 +356,9 @@ fn main() {
     }
     if wanted("attach") {
         report["attach"] = attach::run(opts.quick, opts.threads.as_deref());
+    }
+    if wanted("cost") {
+        report["cost"] = cost::run(&built, opts.quick, opts.threads.as_deref());
     }
     if let Some(dir) = opts.json.parent() {
         let _ = std::fs::create_dir_all(dir);

@@ -571,7 +571,7 @@ pub struct Cost {
     /// Time in kgpatch's handlers over all threads, in nanoseconds.
     pub total_handler_ns: u64,
     /// CPU time of the agent's thread from the request to the completion, in microseconds
-    /// (`CLOCK_THREAD_CPUTIME_ID`; it includes status requests served meanwhile).
+    /// (`CLOCK_THREAD_CPUTIME_ID`), less the status requests it served meanwhile.
     pub agent_cpu_us: u64,
     /// `true` when the per-thread table was full and some threads went uncounted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
