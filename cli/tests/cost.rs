@@ -90,7 +90,7 @@ fn a_sleeping_thread_inside_a_patched_function_is_not_woken_every_round() {
         c.wakeups <= c.migration_signals + c.text_sweep_signals,
         "{c:?}"
     );
-    assert!(c.threads_interrupted >= others + 1, "{c:?}");
+    assert!(c.threads_interrupted > others, "{c:?}");
     assert!(
         c.max_interrupts >= 2 && c.max_thread_handler_ns > 0,
         "{c:?}"

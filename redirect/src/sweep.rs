@@ -497,18 +497,22 @@ pub mod cost {
         pc: AtomicU64,
     }
 
-    const EMPTY: ThreadCost = ThreadCost {
-        tid: AtomicI32::new(0),
-        runs: AtomicU64::new(0),
-        total_ns: AtomicU64::new(0),
-        max_ns: AtomicU64::new(0),
-        sp: AtomicU64::new(0),
-        pc: AtomicU64::new(0),
-    };
+    impl ThreadCost {
+        const fn new() -> ThreadCost {
+            ThreadCost {
+                tid: AtomicI32::new(0),
+                runs: AtomicU64::new(0),
+                total_ns: AtomicU64::new(0),
+                max_ns: AtomicU64::new(0),
+                sp: AtomicU64::new(0),
+                pc: AtomicU64::new(0),
+            }
+        }
+    }
     /// Slots (a power of two); a thread probes at most [`PROBES`] of them.
     const SLOTS: usize = 8192;
     const PROBES: usize = 64;
-    static TABLE: [ThreadCost; SLOTS] = [EMPTY; SLOTS];
+    static TABLE: [ThreadCost; SLOTS] = [const { ThreadCost::new() }; SLOTS];
     static FULL: AtomicU64 = AtomicU64::new(0);
     /// Signals sent, by signal number.
     static SENT: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
