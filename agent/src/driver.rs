@@ -26,6 +26,7 @@ use crate::registry;
 use crate::stacks::StackMap;
 #[cfg(feature = "bench-baseline")]
 use crate::stw;
+use crate::timing::TransitionCost;
 
 /// Default deadline of a transition.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,6 +137,8 @@ pub struct Driver {
     index_bytes: u64,
     pending: Option<Pending>,
     last: Option<Outcome>,
+    /// What the transition requested last costs (counted from the request on).
+    cost: TransitionCost,
 }
 
 /// How a transition runs.
@@ -166,6 +169,8 @@ impl Driver {
     pub fn new() -> Result<Driver, AgentError> {
         let patcher = Patcher::new(PatcherConfig::default())?;
         let migration = Sweep::new(migration_signal())?;
+        // Sweeps count the signals that wake a sleeping thread (Cost::wakeups).
+        kgpatch_redirect::sweep::cost::set_count_wakeups(true);
         Ok(Driver {
             patcher,
             migration,
@@ -180,6 +185,7 @@ impl Driver {
             index_bytes: 0,
             pending: None,
             last: None,
+            cost: TransitionCost::default(),
         })
     }
 
@@ -203,6 +209,7 @@ impl Driver {
     ) -> Result<(u64, String), AgentError> {
         let _span = info_span!("apply", module = %path.display()).entered();
         self.ensure_idle()?;
+        self.cost = TransitionCost::begin();
         // A fault the end-to-end tests inject to prove a panic here cannot take the process
         // down (server.rs catches it); never set in production.
         if std::env::var_os("KGPATCH_TEST_FAULT").is_some_and(|v| v == "panic-in-apply") {
@@ -485,6 +492,7 @@ impl Driver {
             }
         }
         self.ensure_idle()?;
+        self.cost = TransitionCost::begin();
         // Sites go back through their stub first; this checks each still holds kgpatch's
         // jump (a refusal here leaves everything as it was, and runs no module code).
         for f in self
@@ -686,6 +694,8 @@ impl Driver {
     pub fn reverse(&mut self, why: &str) -> Result<(), AgentError> {
         let side = self.universe.reverse()?;
         warn!(why, goal = ?side, "transition reversed");
+        // A thread busy for one goal may be clean for the other.
+        self.cost.forget();
         if let Some(p) = &mut self.pending {
             p.next_sweep = Instant::now();
             p.retry = FIRST_RETRY;
@@ -701,6 +711,7 @@ impl Driver {
     pub fn force(&mut self) -> Result<crate::protocol::Response, AgentError> {
         const FORCE_ROUNDS: usize = 10;
         self.universe.force()?;
+        self.cost.forget();
         let t = self.universe.transition().map_or(0, |t| t.t);
         warn!(
             t,
@@ -753,6 +764,14 @@ impl Driver {
             moved,
             unmoved,
         })
+    }
+
+    /// Takes `ns` of the agent thread's CPU out of the cost of the transition in progress
+    /// (serving status requests meanwhile is not its work).
+    pub fn exclude_cpu(&mut self, ns: u64) {
+        if self.pending.is_some() {
+            self.cost.exclude_cpu(ns);
+        }
     }
 
     /// When the driver next needs to run, if a transition is in progress.
@@ -870,6 +889,9 @@ impl Driver {
                 .collect(),
             None => Vec::new(),
         };
+        let pending = self
+            .cost
+            .select(pending, final_round(p, GATE.state().forced));
         let report = self.migration.run_on(&pending, &action, SWEEP_WAIT);
         match &report {
             Ok(r) => debug!(
@@ -1013,6 +1035,10 @@ impl Driver {
             elapsed_us: elapsed.as_micros().min(u64::MAX as u128) as u64,
             message,
             problems,
+            cost: Some(
+                self.cost
+                    .finish(self.migration.signal(), self.patcher.sweep().signal()),
+            ),
         });
         true
     }
@@ -1234,6 +1260,13 @@ impl Driver {
         }
         out
     }
+}
+
+/// `true` when a migration round must signal every pending thread, sparing none: the check
+/// is lifted (force), or the deadline comes before the next round would.
+fn final_round(p: &Pending, forced: bool) -> bool {
+    forced
+        || (!p.deadline_passed && p.deadline.saturating_duration_since(Instant::now()) <= p.retry)
 }
 
 /// `ranges` made disjoint: empty ones dropped, the rest sorted by start and every chain of

@@ -157,6 +157,8 @@ impl Server {
         if reader.read_line(&mut line).is_err() {
             return;
         }
+        let cpu_at = crate::timing::thread_cpu_ns();
+        let mut status_request = false;
         let response = if !allowed {
             error(
                 ErrorKind::BadRequest,
@@ -167,12 +169,17 @@ impl Server {
             match protocol::decode::<Request>(&line) {
                 Ok(req) => {
                     debug!(?req, "request");
+                    status_request = matches!(req, Request::Status);
                     handle_guarded(req, driver, failure)
                 }
                 Err(msg) => error(ErrorKind::BadRequest, msg),
             }
         };
         let _ = (&stream).write_all(protocol::encode(&response).as_bytes());
+        if status_request {
+            // A client polling status is not the transition's work (Cost::agent_cpu_us).
+            driver.exclude_cpu(crate::timing::thread_cpu_ns().saturating_sub(cpu_at));
+        }
     }
 }
 

@@ -3,6 +3,10 @@
 //! handler run (entry to return of kgpatch's action); [`HALTED`]: each stop-the-world
 //! rendezvous (first signal to release: how long every thread was held).
 //!
+//! It also keeps what one transition costs the target ([`TransitionCost`]: signals, handler
+//! runs per thread, the agent's CPU) and the skip rule that spares a parked thread a
+//! migration signal that could not move it ([`decide`]).
+//!
 //! # Safety
 //! The only unsafe is `clock_gettime` into a `timespec` on the caller's stack
 //! (async-signal-safe, writes nothing else).
@@ -113,9 +117,290 @@ fn percentiles(counts: &[u64], max_ns: u64) -> HandlerTimes {
     }
 }
 
+/// CPU time of the calling thread, in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-parameter; the per-thread CPU clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How many times thread `tid` has been scheduled in (third field of
+/// `/proc/self/task/<tid>/schedstat`); `None` when it cannot be read.
+fn times_scheduled(tid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_ascii_whitespace().nth(2)?.parse().ok()
+}
+
+/// Where a thread parked in a system call stood when the skip rule last spared it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Watch {
+    sp: u64,
+    pc: u64,
+    /// Times scheduled in, when it was first spared.
+    scheduled: u64,
+    /// Rounds spared in a row.
+    skipped: u32,
+}
+
+/// Rounds a parked thread may be spared in a row; the next one signals it again.
+pub(crate) const MAX_SKIPPED: u32 = 4;
+
+/// What the skip rule does with one pending thread this round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Signal it (and forget any watch).
+    Signal,
+    /// Spare it this round, watching it as given.
+    Skip(Watch),
+}
+
+/// The skip rule for one thread still not on the goal side. Skipping a signal only delays
+/// a migration (a thread moves only after a clean walk in its own handler), so the rule
+/// needs to be right about cost, never about consistency:
+/// - `final_round` (the deadline is near, or the check is lifted by force): signal.
+/// - `parked` (its `(sp, pc)` in `/proc/self/task/<tid>/syscall`) and `scheduled` (times
+///   scheduled in) must both be known, else signal.
+/// - Watched already: spare it while it is parked at the same `(sp, pc)` and has not been
+///   scheduled since it was first spared, at most [`MAX_SKIPPED`] rounds in a row.
+/// - Not watched: spare it if it was signalled in the last round (`last_handler` is where
+///   that handler found it, and the thread is still pending, so that check failed) and it
+///   is parked there again: same sp, pc the same or 2 bytes on (the `syscall` instruction
+///   the kernel rewinds to when it restarts the call).
+pub(crate) fn decide(
+    watch: Option<Watch>,
+    last_handler: Option<(u64, u64)>,
+    parked: Option<(u64, u64)>,
+    scheduled: Option<u64>,
+    final_round: bool,
+) -> Decision {
+    if final_round {
+        return Decision::Signal;
+    }
+    let (Some((sp, pc)), Some(scheduled)) = (parked, scheduled) else {
+        return Decision::Signal;
+    };
+    match watch {
+        Some(w) => {
+            if w.sp == sp && w.pc == pc && w.scheduled == scheduled && w.skipped < MAX_SKIPPED {
+                Decision::Skip(Watch {
+                    skipped: w.skipped + 1,
+                    ..w
+                })
+            } else {
+                Decision::Signal
+            }
+        }
+        None => match last_handler {
+            Some((hsp, hpc)) if hsp == sp && (pc == hpc || pc == hpc.wrapping_add(2)) => {
+                Decision::Skip(Watch {
+                    sp,
+                    pc,
+                    scheduled,
+                    skipped: 1,
+                })
+            }
+            _ => Decision::Signal,
+        },
+    }
+}
+
+/// What one transition costs so far, kept by the driver from the request on.
+#[derive(Debug, Default)]
+pub(crate) struct TransitionCost {
+    cpu_start_ns: u64,
+    /// Agent CPU spent meanwhile on other work (status requests).
+    cpu_excluded_ns: u64,
+    traps_start: u64,
+    rounds: u64,
+    skipped: u64,
+    /// Threads signalled in the last migration round.
+    signalled: Vec<i32>,
+    /// Threads the skip rule spares, by tid.
+    watches: Vec<(i32, Watch)>,
+    /// `KGPATCH_SKIP_RULE=off`: every pending thread is signalled every round (to measure
+    /// what the rule saves).
+    rule_off: bool,
+}
+
+fn traps_taken() -> u64 {
+    use kgpatch_redirect::x86_64::trap::TRAP_COUNTS;
+    TRAP_COUNTS.sent_on.load(Ordering::Relaxed) + TRAP_COUNTS.reexecuted.load(Ordering::Relaxed)
+}
+
+impl TransitionCost {
+    /// Starts counting, as a transition is requested: clears the process's counters.
+    pub(crate) fn begin() -> TransitionCost {
+        kgpatch_redirect::sweep::cost::reset();
+        TransitionCost {
+            cpu_start_ns: thread_cpu_ns(),
+            traps_start: traps_taken(),
+            rule_off: std::env::var_os("KGPATCH_SKIP_RULE").is_some_and(|v| v == "off"),
+            ..TransitionCost::default()
+        }
+    }
+
+    /// Takes `ns` of agent CPU spent on other work out of the transition's cost.
+    pub(crate) fn exclude_cpu(&mut self, ns: u64) {
+        self.cpu_excluded_ns += ns;
+    }
+
+    /// Forgets every watch (the goal changed, or the check was lifted).
+    pub(crate) fn forget(&mut self) {
+        self.watches.clear();
+        self.signalled.clear();
+    }
+
+    /// The threads of `pending` to signal this round; the rest are spared (skip rule).
+    pub(crate) fn select(&mut self, pending: Vec<i32>, final_round: bool) -> Vec<i32> {
+        self.rounds += 1;
+        let mut out = Vec::with_capacity(pending.len());
+        let mut watches = Vec::new();
+        for tid in pending {
+            let watch = self
+                .watches
+                .iter()
+                .find(|(t, _)| *t == tid)
+                .map(|&(_, w)| w);
+            let was_signalled = self.signalled.contains(&tid);
+            // Reading /proc costs agent CPU: only for threads the rule could spare.
+            let d = if self.rule_off || final_round || (watch.is_none() && !was_signalled) {
+                Decision::Signal
+            } else {
+                let last = was_signalled
+                    .then(|| kgpatch_redirect::sweep::cost::last_context(tid))
+                    .flatten();
+                let parked = kgpatch_sys::proc::parked(kgpatch_sys::proc::Pid::This, tid);
+                let scheduled = parked.and_then(|_| times_scheduled(tid));
+                decide(watch, last, parked, scheduled, final_round)
+            };
+            match d {
+                Decision::Signal => out.push(tid),
+                Decision::Skip(w) => {
+                    self.skipped += 1;
+                    watches.push((tid, w));
+                }
+            }
+        }
+        self.watches = watches;
+        self.signalled = out.clone();
+        out
+    }
+
+    /// The cost of the transition, now that it is over.
+    pub(crate) fn finish(&self, migration: libc::c_int, text: libc::c_int) -> Cost {
+        use kgpatch_redirect::sweep::cost;
+        let threads = cost::threads();
+        Cost {
+            migration_signals: cost::sent(migration),
+            text_sweep_signals: cost::sent(text),
+            sigtraps: traps_taken().saturating_sub(self.traps_start),
+            membarriers: cost::membarriers(),
+            wakeups: cost::wakeups(migration) + cost::wakeups(text),
+            skipped: self.skipped,
+            rounds: self.rounds,
+            threads_interrupted: threads.interrupted,
+            threads_interrupted_more_than_once: threads.more_than_once,
+            max_interrupts: threads.max_runs,
+            max_thread_handler_ns: threads.max_thread_ns,
+            max_handler_ns: threads.max_run_ns,
+            total_handler_ns: threads.total_ns,
+            agent_cpu_us: thread_cpu_ns()
+                .saturating_sub(self.cpu_start_ns)
+                .saturating_sub(self.cpu_excluded_ns)
+                / 1000,
+            table_full: threads.full,
+        }
+    }
+}
+
+pub use kgpatch_protocol::Cost;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SP: u64 = 0x7fff_0000_1000;
+    const PC: u64 = 0x7f00_0000_2000;
+
+    #[test]
+    fn skip_rule_spares_a_thread_parked_where_its_check_failed() {
+        // Signalled last round, parked again where the handler found it (the kernel rewound
+        // the pc to the `syscall` instruction for the restart: /proc shows it 2 bytes on).
+        let d = decide(None, Some((SP, PC)), Some((SP, PC + 2)), Some(7), false);
+        let Decision::Skip(w) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(w.skipped, 1);
+        // Not scheduled since: spared again, up to MAX_SKIPPED rounds in a row.
+        let mut w = w;
+        for round in 2..=MAX_SKIPPED {
+            match decide(Some(w), None, Some((SP, PC + 2)), Some(7), false) {
+                Decision::Skip(next) => {
+                    assert_eq!(next.skipped, round);
+                    w = next;
+                }
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        // Then it is signalled again, so nothing waits forever.
+        assert_eq!(
+            decide(Some(w), None, Some((SP, PC + 2)), Some(7), false),
+            Decision::Signal
+        );
+    }
+
+    #[test]
+    fn skip_rule_signals_a_thread_that_ran_moved_or_is_unknown() {
+        let w = match decide(None, Some((SP, PC)), Some((SP, PC)), Some(7), false) {
+            Decision::Skip(w) => w,
+            other => panic!("{other:?}"),
+        };
+        // Scheduled since it was spared: its stack may have changed.
+        assert_eq!(
+            decide(Some(w), None, Some((SP, PC)), Some(8), false),
+            Decision::Signal
+        );
+        // Parked elsewhere.
+        assert_eq!(
+            decide(Some(w), None, Some((SP - 64, PC)), Some(7), false),
+            Decision::Signal
+        );
+        assert_eq!(
+            decide(Some(w), None, Some((SP, PC + 9)), Some(7), false),
+            Decision::Signal
+        );
+        // Running (no syscall line), or schedstat unreadable.
+        assert_eq!(
+            decide(Some(w), None, None, Some(7), false),
+            Decision::Signal
+        );
+        assert_eq!(
+            decide(Some(w), None, Some((SP, PC)), None, false),
+            Decision::Signal
+        );
+        // The deadline (or force): always signalled.
+        assert_eq!(
+            decide(Some(w), None, Some((SP, PC)), Some(7), true),
+            Decision::Signal
+        );
+        // Never signalled before, or parked somewhere else than its failed check.
+        assert_eq!(
+            decide(None, None, Some((SP, PC)), Some(7), false),
+            Decision::Signal
+        );
+        assert_eq!(
+            decide(None, Some((SP, PC)), Some((SP + 8, PC)), Some(7), false),
+            Decision::Signal
+        );
+        assert_eq!(
+            decide(None, Some((SP, PC)), Some((SP, PC + 4)), Some(7), false),
+            Decision::Signal
+        );
+    }
 
     #[test]
     fn buckets_bound_their_values() {

@@ -26,6 +26,7 @@
 
 mod agent;
 mod attach;
+mod cost;
 mod mariadb;
 
 use std::io::{BufRead, BufReader, Write};
@@ -68,7 +69,7 @@ fn options() -> Options {
             }
             "--only" => opts.only = args.next(),
             "-h" | "--help" => {
-                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach|mariadb]");
+                println!("usage: kgpatch-bench [--quick] [--json PATH] [--threads 8,64,...] [--only migration|latency|idle|attach|cost|mariadb]");
                 std::process::exit(0);
             }
             other => {
@@ -357,6 +358,9 @@ fn main() {
     }
     if wanted("attach") {
         report["attach"] = attach::run(opts.quick, opts.threads.as_deref());
+    }
+    if wanted("cost") {
+        report["cost"] = cost::run(&built, opts.quick, opts.threads.as_deref());
     }
     if wanted("mariadb") {
         report["mariadb"] = mariadb::run(&built, opts.quick);

@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use kgpatch_protocol::{
-    AgentInfo, BlockerInfo, Kind, Origin, Outcome, OutcomeKind, Status, ThreadInfo, TransitionInfo,
+    AgentInfo, BlockerInfo, Cost, Kind, Origin, Outcome, OutcomeKind, Status, ThreadInfo,
+    TransitionInfo,
 };
 
 fn kind(k: Kind) -> &'static str {
@@ -167,6 +168,33 @@ pub fn outcome(o: &Outcome) -> String {
     )
 }
 
+/// What the last transition cost the target (two lines, indented under `last:`).
+pub fn cost(c: &Cost) -> String {
+    format!(
+        "   cost: {} migration signals ({} spared, {} rounds), {} text-sweep signals, {} SIGTRAPs, {} membarriers, {} wake-ups of sleeping threads\n   \
+         threads interrupted: {} ({} more than once, at most {} times); in our handlers {:.1} µs per thread at most ({:.1} µs longest run, {:.1} µs in all); agent CPU {} µs{}\n",
+        c.migration_signals,
+        c.skipped,
+        c.rounds,
+        c.text_sweep_signals,
+        c.sigtraps,
+        c.membarriers,
+        c.wakeups,
+        c.threads_interrupted,
+        c.threads_interrupted_more_than_once,
+        c.max_interrupts,
+        c.max_thread_handler_ns as f64 / 1000.0,
+        c.max_handler_ns as f64 / 1000.0,
+        c.total_handler_ns as f64 / 1000.0,
+        c.agent_cpu_us,
+        if c.table_full {
+            " (the per-thread table was full: some threads uncounted)"
+        } else {
+            ""
+        }
+    )
+}
+
 /// Modules no longer applied that stay mapped, and the libraries kgpatch keeps loaded.
 pub fn mapped(s: &Status) -> String {
     let mut out = String::new();
@@ -266,6 +294,9 @@ pub fn status(s: &Status) -> String {
     }
     if let Some(o) = &s.last {
         let _ = writeln!(out, "last: {}", outcome(o));
+        if let Some(c) = &o.cost {
+            out.push_str(&cost(c));
+        }
     }
     let h = &s.handler;
     if h.count > 0 {

@@ -9,6 +9,7 @@ mod harness;
 
 mod attach;
 mod bad_input;
+mod cost;
 mod cxx;
 mod debugsyms;
 mod failclosed;

@@ -530,6 +530,52 @@ pub struct Outcome {
     /// bytes were no longer kgpatch's jump, so its original bytes were not written back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// What the transition cost the target's threads and the agent (docs/PERFORMANCE.md,
+    /// "Cost per transition"); absent from agents older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+/// What one transition cost, from the request to its completion. Counts are of the whole
+/// process during the transition (a text write of another client's request would be
+/// counted too; one transition runs at a time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// Migration signals sent (`tgkill`), over every sweep round.
+    pub migration_signals: u64,
+    /// Signals of the text-write sweeps (moving threads out of overwritten bytes, or
+    /// serialising cores where membarrier is missing).
+    pub text_sweep_signals: u64,
+    /// SIGTRAPs kgpatch's handler took (threads that ran into an int3 of a site write).
+    pub sigtraps: u64,
+    /// membarrier `SYNC_CORE` calls.
+    pub membarriers: u64,
+    /// Signals sent to threads that were asleep (state S or D) when they were sent: each
+    /// woke a thread that had nothing else to do.
+    pub wakeups: u64,
+    /// Migration signals the skip rule spared (a thread parked where its last check found
+    /// it busy, that has not run since).
+    pub skipped: u64,
+    /// Migration sweep rounds.
+    pub rounds: u64,
+    /// Threads that ran one of kgpatch's handlers at least once.
+    pub threads_interrupted: u64,
+    /// Threads that ran kgpatch's handlers more than once.
+    pub threads_interrupted_more_than_once: u64,
+    /// The most handler runs (migration, text sweep, SIGTRAP) any one thread had.
+    pub max_interrupts: u64,
+    /// The most time any one thread spent in kgpatch's handlers, in total, in nanoseconds.
+    pub max_thread_handler_ns: u64,
+    /// The longest single handler run, in nanoseconds.
+    pub max_handler_ns: u64,
+    /// Time in kgpatch's handlers over all threads, in nanoseconds.
+    pub total_handler_ns: u64,
+    /// CPU time of the agent's thread from the request to the completion, in microseconds
+    /// (`CLOCK_THREAD_CPUTIME_ID`), less the status requests it served meanwhile.
+    pub agent_cpu_us: u64,
+    /// `true` when the per-thread table was full and some threads went uncounted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub table_full: bool,
 }
 
 /// How a transition ended.

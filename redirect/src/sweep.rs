@@ -154,8 +154,14 @@ impl Sweep {
         );
         let mut report = SweepReport::default();
         let mut pending: Vec<usize> = Vec::with_capacity(slots.len());
+        let count_wakeups = cost::counting_wakeups();
         for (i, slot) in slots.iter().enumerate() {
+            let asleep = count_wakeups && cost::asleep(slot.tid);
             if tgkill(pid, slot.tid, self.signal) {
+                cost::count_sent(self.signal);
+                if asleep {
+                    cost::count_wakeup(self.signal);
+                }
                 pending.push(i);
             } else {
                 report.exited.push(slot.tid);
@@ -241,6 +247,7 @@ extern "C" fn on_sweep_signal(
     ctx: *mut libc::c_void,
 ) {
     let saved_errno = errno();
+    let entered = cost::now_ns();
     INFLIGHT.fetch_add(1, Ordering::SeqCst);
     let shared = CURRENT.load(Ordering::SeqCst);
     if !shared.is_null() && !ctx.is_null() {
@@ -248,6 +255,11 @@ extern "C" fn on_sweep_signal(
         // `INFLIGHT` to drop before it frees it (module docs); `ctx` is the kernel's ucontext
         // for this delivery, exclusively ours for the duration of the handler.
         let (shared, uc) = unsafe { (&*shared, &mut *(ctx as *mut libc::ucontext_t)) };
+        let g = &uc.uc_mcontext.gregs;
+        cost::record_context(
+            g[libc::REG_RSP as usize] as u64,
+            g[libc::REG_RIP as usize] as u64,
+        );
         (shared.action)(uc);
         let me = gettid();
         if let Some(slot) = shared.slots.iter().find(|s| s.tid == me) {
@@ -259,6 +271,7 @@ extern "C" fn on_sweep_signal(
         }
     }
     INFLIGHT.fetch_sub(1, Ordering::SeqCst);
+    cost::record_run(cost::now_ns().saturating_sub(entered));
     set_errno(saved_errno);
 }
 
@@ -468,4 +481,226 @@ pub(crate) fn parked_sp_pc(tid: i32) -> Option<(u64, u64)> {
 /// say).
 pub(crate) fn parked_pc(tid: i32) -> Option<u64> {
     proc::parked(Pid::This, tid).map(|(_, pc)| pc)
+}
+
+/// What kgpatch's signals cost the process's threads: per-thread handler runs and time,
+/// signals sent, membarrier calls. Bumped from signal handlers with relaxed atomics only
+/// (no lock, no allocation: async-signal-safe); read and reset by the agent around a
+/// transition. The numbers are diagnostics: a handler that runs while [`cost::reset`] clears
+/// the table may be counted in the old round or lost, never anything worse.
+pub mod cost {
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+
+    /// One thread's counts.
+    struct ThreadCost {
+        tid: AtomicI32,
+        runs: AtomicU64,
+        total_ns: AtomicU64,
+        max_ns: AtomicU64,
+        /// The interrupted stack pointer and pc of its last migration handler run.
+        sp: AtomicU64,
+        pc: AtomicU64,
+    }
+
+    impl ThreadCost {
+        const fn new() -> ThreadCost {
+            ThreadCost {
+                tid: AtomicI32::new(0),
+                runs: AtomicU64::new(0),
+                total_ns: AtomicU64::new(0),
+                max_ns: AtomicU64::new(0),
+                sp: AtomicU64::new(0),
+                pc: AtomicU64::new(0),
+            }
+        }
+    }
+    /// Slots (a power of two); a thread probes at most [`PROBES`] of them.
+    const SLOTS: usize = 8192;
+    const PROBES: usize = 64;
+    static TABLE: [ThreadCost; SLOTS] = [const { ThreadCost::new() }; SLOTS];
+    static FULL: AtomicU64 = AtomicU64::new(0);
+    /// Signals sent, by signal number.
+    static SENT: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
+    static MEMBARRIERS: AtomicU64 = AtomicU64::new(0);
+    /// Signals sent to sleeping threads, by signal number.
+    static WAKEUPS: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
+    static COUNT_WAKEUPS: AtomicBool = AtomicBool::new(false);
+
+    /// Makes sweeps read each thread's state before signalling it, to count wake-ups
+    /// (one small `/proc` read per signal: off unless asked for).
+    pub fn set_count_wakeups(on: bool) {
+        COUNT_WAKEUPS.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn counting_wakeups() -> bool {
+        COUNT_WAKEUPS.load(Ordering::Relaxed)
+    }
+
+    /// `true` if thread `tid` is asleep (state S or D) now.
+    pub fn asleep(tid: i32) -> bool {
+        matches!(
+            kgpatch_sys::proc::task_state(kgpatch_sys::proc::Pid::This, tid),
+            Ok(Some('S' | 'D'))
+        )
+    }
+
+    pub(crate) fn count_wakeup(signal: libc::c_int) {
+        if let Some(c) = WAKEUPS.get(signal as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Signals of number `signal` sent to sleeping threads since the last reset (counted
+    /// only while [`set_count_wakeups`] is on).
+    pub fn wakeups(signal: libc::c_int) -> u64 {
+        WAKEUPS
+            .get(signal as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Monotonic nanoseconds (`clock_gettime`, a vDSO call: async-signal-safe).
+    pub(crate) fn now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-parameter; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    fn slot_of(tid: i32) -> Option<&'static ThreadCost> {
+        let start = (tid as u32 as usize).wrapping_mul(0x9e37_79b9) % SLOTS;
+        for k in 0..PROBES {
+            let s = &TABLE[(start + k) % SLOTS];
+            match s.tid.load(Ordering::Relaxed) {
+                t if t == tid => return Some(s),
+                0 => match s
+                    .tid
+                    .compare_exchange(0, tid, Ordering::Relaxed, Ordering::Relaxed)
+                {
+                    Ok(_) => return Some(s),
+                    Err(t) if t == tid => return Some(s),
+                    Err(_) => continue,
+                },
+                _ => continue,
+            }
+        }
+        FULL.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Records one run of one of kgpatch's handlers in the calling thread, `ns` long.
+    /// Async-signal-safe.
+    pub fn record_run(ns: u64) {
+        if let Some(s) = slot_of(super::gettid()) {
+            s.runs.fetch_add(1, Ordering::Relaxed);
+            s.total_ns.fetch_add(ns, Ordering::Relaxed);
+            s.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// Records where the calling thread was interrupted (its stack pointer and pc), for
+    /// the skip rule of the agent's migration rounds. Async-signal-safe.
+    pub fn record_context(sp: u64, pc: u64) {
+        if let Some(s) = slot_of(super::gettid()) {
+            s.sp.store(sp, Ordering::Relaxed);
+            s.pc.store(pc, Ordering::Relaxed);
+        }
+    }
+
+    /// The interrupted (sp, pc) the last handler run of `tid` recorded, if any.
+    pub fn last_context(tid: i32) -> Option<(u64, u64)> {
+        let start = (tid as u32 as usize).wrapping_mul(0x9e37_79b9) % SLOTS;
+        (0..PROBES)
+            .map(|k| &TABLE[(start + k) % SLOTS])
+            .find(|s| s.tid.load(Ordering::Relaxed) == tid)
+            .map(|s| (s.sp.load(Ordering::Relaxed), s.pc.load(Ordering::Relaxed)))
+            .filter(|&(sp, _)| sp != 0)
+    }
+
+    pub(crate) fn count_sent(signal: libc::c_int) {
+        if let Some(c) = SENT.get(signal as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one membarrier call.
+    pub fn count_membarrier() {
+        MEMBARRIERS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Signals of number `signal` sent by sweeps since the last reset.
+    pub fn sent(signal: libc::c_int) -> u64 {
+        SENT.get(signal as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// membarrier calls since the last reset.
+    pub fn membarriers() -> u64 {
+        MEMBARRIERS.load(Ordering::Relaxed)
+    }
+
+    /// The per-thread figures since the last reset.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Threads {
+        /// Threads that ran a handler.
+        pub interrupted: u64,
+        /// Threads that ran handlers more than once.
+        pub more_than_once: u64,
+        /// The most runs of one thread.
+        pub max_runs: u64,
+        /// The most time of one thread, in total.
+        pub max_thread_ns: u64,
+        /// The longest single run.
+        pub max_run_ns: u64,
+        /// All runs' time.
+        pub total_ns: u64,
+        /// Some thread found no slot.
+        pub full: bool,
+    }
+
+    /// Reads the per-thread table.
+    pub fn threads() -> Threads {
+        let mut t = Threads {
+            full: FULL.load(Ordering::Relaxed) != 0,
+            ..Threads::default()
+        };
+        for s in TABLE.iter() {
+            if s.tid.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let runs = s.runs.load(Ordering::Relaxed);
+            if runs == 0 {
+                continue;
+            }
+            let total = s.total_ns.load(Ordering::Relaxed);
+            t.interrupted += 1;
+            t.more_than_once += u64::from(runs > 1);
+            t.max_runs = t.max_runs.max(runs);
+            t.max_thread_ns = t.max_thread_ns.max(total);
+            t.max_run_ns = t.max_run_ns.max(s.max_ns.load(Ordering::Relaxed));
+            t.total_ns += total;
+        }
+        t
+    }
+
+    /// Clears every count (the agent does, as a transition is requested).
+    pub fn reset() {
+        for s in TABLE.iter() {
+            if s.tid.load(Ordering::Relaxed) != 0 {
+                s.runs.store(0, Ordering::Relaxed);
+                s.total_ns.store(0, Ordering::Relaxed);
+                s.max_ns.store(0, Ordering::Relaxed);
+                s.sp.store(0, Ordering::Relaxed);
+                s.pc.store(0, Ordering::Relaxed);
+                s.tid.store(0, Ordering::Relaxed);
+            }
+        }
+        for c in SENT.iter().chain(&WAKEUPS) {
+            c.store(0, Ordering::Relaxed);
+        }
+        MEMBARRIERS.store(0, Ordering::Relaxed);
+        FULL.store(0, Ordering::Relaxed);
+    }
 }

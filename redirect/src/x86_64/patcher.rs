@@ -528,8 +528,9 @@ impl Patcher {
     }
 
     /// Runs `action` in every thread until each has run it or is parked in the kernel at a
-    /// pc that `busy` rejects (a thread blocking the signal, typically in sigwait or a
-    /// futex), and no thread has a signal frame further out whose interrupted pc `outer`
+    /// pc that `busy` rejects (such a thread is not signalled at all: [`threads_to_signal`];
+    /// one that blocks the signal, typically in sigwait or a futex, is checked the same way
+    /// after the sweep), and no thread has a signal frame further out whose interrupted pc `outer`
     /// accepts (the action records those in `found`; for parked threads their stack is
     /// scanned from here). Threads it could not settle are sent the signal again until the
     /// deadline.
@@ -546,7 +547,11 @@ impl Patcher {
         // wait for, not as merely unreachable.
         let mut seen_inside: Vec<i32> = Vec::new();
         loop {
-            let report = self.writer.sweep().run(action, self.config.sweep_timeout)?;
+            let tids = threads_to_signal(&busy, outer, restorers)?;
+            let report = self
+                .writer
+                .sweep()
+                .run_on(&tids, action, self.config.sweep_timeout)?;
             // Every handler of the run has returned (`run` waits for them).
             let mut nested = found.take();
             let mut stuck = Vec::new();
@@ -829,6 +834,33 @@ impl Drop for Patcher {
     fn drop(&mut self) {
         ALIVE.store(false, Ordering::SeqCst);
     }
+}
+
+/// The threads (but the caller) a sweep must signal: every one except those parked in the
+/// kernel (`/proc/self/task/<tid>/syscall`) at a pc `busy` rejects not, with no signal frame
+/// further out whose pc `outer` accepts, and still parked at the same place after that scan.
+/// Such a thread needs no signal: it is not in the bytes, and with the int3 in place (or the
+/// site's memory retired) it cannot newly enter them; its stack does not change while it
+/// sleeps (the same reasoning `sweep_all` applies to threads that block the signal). Sparing
+/// it saves waking a sleeping thread (docs/PERFORMANCE.md, "Cost per transition"). A thread
+/// whose file cannot be read is signalled.
+fn threads_to_signal(
+    busy: &dyn Fn(u64) -> bool,
+    outer: &dyn Fn(u64) -> bool,
+    restorers: &sigframe::Restorers,
+) -> Result<Vec<i32>> {
+    let me = sweep::gettid();
+    let spared = |tid: i32| match sweep::parked_sp_pc(tid) {
+        Some((sp, pc)) if !busy(pc) => {
+            sigframe::scan(sp, restorers, outer) == sigframe::Scan::Clear
+                && sweep::parked_sp_pc(tid) == Some((sp, pc))
+        }
+        _ => false,
+    };
+    Ok(sweep::list_threads()?
+        .into_iter()
+        .filter(|&t| t != me && !spared(t))
+        .collect())
 }
 
 /// Registers the unwind information of a filled slot's stub and trampoline, and the trap

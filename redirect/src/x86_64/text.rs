@@ -152,6 +152,7 @@ impl CodeWriter {
     pub fn sync(&self) -> Result<()> {
         match self.method {
             SyncMethod::Membarrier => {
+                sweep::cost::count_membarrier();
                 // `method` is Membarrier only with a registration.
                 let synced = self.sync_core.as_ref().map_or_else(
                     || Err(io::Error::from(io::ErrorKind::Unsupported)),

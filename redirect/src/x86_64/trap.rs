@@ -205,12 +205,14 @@ impl Drop for InHandler {
 
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let _inside = InHandler::enter();
+    let entered = crate::sweep::cost::now_ns();
     if !info.is_null() && !ctx.is_null() {
         // SAFETY: the kernel passes a valid siginfo and ucontext to an SA_SIGINFO handler,
         // ours alone for the duration of the handler.
         let (code, uc) = unsafe { ((*info).si_code, &mut *(ctx as *mut libc::ucontext_t)) };
         // `SI_KERNEL` is the `si_code` of a trap raised by an `int3` instruction.
         if code == libc::SI_KERNEL && redirect(uc) {
+            crate::sweep::cost::record_run(crate::sweep::cost::now_ns().saturating_sub(entered));
             return;
         }
     }
