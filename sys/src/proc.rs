@@ -54,9 +54,15 @@ pub const PF_IO_WORKER: u64 = 0x10;
 /// Fails closed: any error opening the directory, reading one entry or one task's `stat`
 /// (other than the task being gone), an entry that is not a tid, or an empty list is an
 /// error, never a short list (a caller would skip a living thread).
+///
+/// Each task's flags are read once: tids found to run user code are remembered (per
+/// process) while they stay listed, so a listing costs one `stat` read per *new* task. A
+/// remembered tid that ends and is reused by an io_uring worker before the next listing
+/// would be listed: the safe direction (a thread too many shows as one that blocks
+/// signals, a visible refusal), never a thread hidden.
 pub fn tasks(pid: Pid) -> io::Result<Vec<i32>> {
     let path = format!("{}/task", pid.dir());
-    let mut tids = Vec::new();
+    let mut listed = Vec::new();
     for entry in fs::read_dir(&path)? {
         let entry = entry?;
         let tid = entry
@@ -64,18 +70,41 @@ pub fn tasks(pid: Pid) -> io::Result<Vec<i32>> {
             .to_str()
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| io::Error::other(format!("an entry of {path} is not a tid")))?;
+        listed.push(tid);
+    }
+    listed.sort_unstable();
+    let owner = match pid {
+        Pid::This => std::process::id() as i32,
+        Pid::Other(p) => p,
+    };
+    let mut known = USER_TASKS.lock().unwrap_or_else(|e| e.into_inner());
+    // Forget tids no longer listed (and other processes' entries): a tid is remembered
+    // only while it is continuously seen.
+    known.retain(|&(p, t)| p != owner || listed.binary_search(&t).is_ok());
+    let mut tids = Vec::with_capacity(listed.len());
+    for tid in listed {
+        if known.contains(&(owner, tid)) {
+            tids.push(tid);
+            continue;
+        }
         match task_flags(pid, tid)? {
             Some(flags) if flags & PF_IO_WORKER != 0 => {}
-            Some(_) => tids.push(tid),
+            Some(_) => {
+                known.insert((owner, tid));
+                tids.push(tid);
+            }
             None => {} // ended since the directory was read
         }
     }
     if tids.is_empty() {
         return Err(io::Error::other(format!("{path} listed no thread")));
     }
-    tids.sort_unstable();
     Ok(tids)
 }
+
+/// `(pid, tid)` of tasks seen to run user code, while they stay listed ([`tasks`]).
+static USER_TASKS: std::sync::Mutex<std::collections::BTreeSet<(i32, i32)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// The kernel's `PF_*` flags of a `stat` line (field 9).
 pub fn parse_stat_flags(text: &str) -> Option<u64> {
