@@ -515,7 +515,7 @@ impl Patcher {
             return Err(Error::TrapBlocked { tids: blockers });
         }
         let blockers = sweep::threads_settle(deadline, |tid, blocked| {
-            blocked & bit != 0 && sweep::parked_pc(tid).is_none_or(inside)
+            blocked & bit != 0 && sweep::parked_pc(tid).is_none_or(|pc| parked_in(inside, pc))
         })?;
         if blockers.is_empty() {
             return Ok(());
@@ -564,7 +564,7 @@ impl Patcher {
                 }
                 match sweep::parked_sp_pc(tid) {
                     None => stuck.push(tid),
-                    Some((_, pc)) if busy(pc) => stuck.push(tid),
+                    Some((_, pc)) if parked_in(&busy, pc) => stuck.push(tid),
                     Some((sp, pc)) => {
                         // Parked outside: its stack does not change while it sleeps. A
                         // frame further out inside the bytes, or a stack that cannot be
@@ -836,6 +836,15 @@ impl Drop for Patcher {
     }
 }
 
+/// `true` if a thread parked in the kernel at `pc` (its `syscall` file) is, or may come
+/// back, where `busy` rejects: at `pc`, or at `pc - 2` — the `syscall` instruction the
+/// kernel rewinds to when any signal interrupts the call and it restarts. A thread parked
+/// just after a `syscall` that lies inside the overwritten bytes is inside them: spared a
+/// move, it later restarted into the middle of the new jump (SIGSEGV).
+fn parked_in(busy: &dyn Fn(u64) -> bool, pc: u64) -> bool {
+    busy(pc) || busy(pc.wrapping_sub(2))
+}
+
 /// The threads (but the caller) a sweep must signal: every one except those parked in the
 /// kernel (`/proc/self/task/<tid>/syscall`) at a pc `busy` rejects not, with no signal frame
 /// further out whose pc `outer` accepts, and still parked at the same place after that scan.
@@ -851,7 +860,7 @@ fn threads_to_signal(
 ) -> Result<Vec<i32>> {
     let me = sweep::gettid();
     let spared = |tid: i32| match sweep::parked_sp_pc(tid) {
-        Some((sp, pc)) if !busy(pc) => {
+        Some((sp, pc)) if !parked_in(busy, pc) => {
             sigframe::scan(sp, restorers, outer) == sigframe::Scan::Clear
                 && sweep::parked_sp_pc(tid) == Some((sp, pc))
         }
