@@ -1,0 +1,354 @@
+//! Shadow variables (klp_shadow's model): new data attached to existing objects of the
+//! patched program, keyed by (object address, id), kept by the agent so that they outlive
+//! the patch module that made them (a later patch sees a shadow an earlier one allocated).
+//!
+//! Patch modules reach the table through [`KGPATCH_RUNTIME`], a table of C function
+//! pointers: the loader writes its address into the module's `kgpatch__runtime` word when it
+//! fills the reference slots (`kgpatch_kmod::set_runtime`, called once by [`crate::start`]),
+//! so it works when the agent was `dlopen`ed `RTLD_LOCAL` by `kgpatch attach`.
+//!
+//! # The table
+//! A fixed array of [`CAPACITY`] slots, open-addressed with linear probing. Each slot is a
+//! small seqlock (`seq`, odd while a writer changes it) over atomic fields, so that:
+//! - [`get`] takes no lock and allocates nothing: it reads slots and retries one whose `seq`
+//!   changed under it (a writer holds a slot odd for a few stores). Callable from any
+//!   thread; not from a signal handler that may have interrupted a shadow writer.
+//! - writers ([`alloc`], [`get_or_alloc`], [`free`], [`free_all`]) serialise on one
+//!   `parking_lot` mutex; readers never wait for it.
+//! - slots never move: a freed slot becomes a tombstone, reused by a later insert; probing
+//!   stops at a never-used slot. A full table makes `alloc` return NULL.
+//!
+//! Memory: shadow data is allocated zeroed, 16-aligned, by the agent, and released by
+//! `free`/`free_all`. As with klp_shadow, freeing is the caller's promise that no thread
+//! still uses that object's data; the lookup itself never touches freed memory (it reads
+//! only the slot words).
+//!
+//! # Safety
+//! This module holds `unsafe` for the C ABI: calling the author's constructor and
+//! destructor, and allocating / freeing shadow data with the layout recorded in its slot.
+//! Only the mutex holder allocates or frees, and a slot's data is freed only after the slot
+//! stopped pointing at it (readers that saw it earlier hold a pointer the caller promised
+//! not to use after `free`).
+
+#![allow(unsafe_code)]
+
+use std::alloc::Layout;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+/// Slots in the table (a power of two).
+pub const CAPACITY: usize = 1 << 14;
+/// Alignment of shadow data.
+const ALIGN: usize = 16;
+/// Largest shadow a single `alloc` may ask for.
+const MAX_SIZE: usize = 1 << 20;
+
+const NEVER: u8 = 0;
+const LIVE: u8 = 1;
+const TOMB: u8 = 2;
+
+/// `int ctor(void *obj, void *shadow_data, void *ctor_data)`: 0 keeps the shadow.
+pub type Ctor = Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void) -> c_int>;
+/// `void dtor(void *obj, void *shadow_data)`.
+pub type Dtor = Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>;
+
+struct Slot {
+    seq: AtomicU64,
+    state: AtomicU8,
+    obj: AtomicUsize,
+    id: AtomicU64,
+    data: AtomicPtr<c_void>,
+    size: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: Slot = Slot {
+    seq: AtomicU64::new(0),
+    state: AtomicU8::new(NEVER),
+    obj: AtomicUsize::new(0),
+    id: AtomicU64::new(0),
+    data: AtomicPtr::new(std::ptr::null_mut()),
+    size: AtomicUsize::new(0),
+};
+
+static SLOTS: [Slot; CAPACITY] = [EMPTY; CAPACITY];
+static WRITER: Mutex<()> = Mutex::new(());
+static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn home(obj: usize, id: u64) -> usize {
+    // splitmix64 of the pair
+    let mut x = (obj as u64) ^ id.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as usize & (CAPACITY - 1)
+}
+
+/// A consistent view of one slot: (state, obj, id, data).
+fn read_slot(s: &Slot) -> (u8, usize, u64, *mut c_void) {
+    loop {
+        let s1 = s.seq.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let v = (
+            s.state.load(Ordering::Relaxed),
+            s.obj.load(Ordering::Relaxed),
+            s.id.load(Ordering::Relaxed),
+            s.data.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        if s.seq.load(Ordering::Relaxed) == s1 {
+            return v;
+        }
+    }
+}
+
+/// Writes a slot (mutex held): readers see the old or the new contents, never a mix.
+fn write_slot(s: &Slot, state: u8, obj: usize, id: u64, data: *mut c_void, size: usize) {
+    let seq = s.seq.load(Ordering::Relaxed);
+    s.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+    s.state.store(state, Ordering::Relaxed);
+    s.obj.store(obj, Ordering::Relaxed);
+    s.id.store(id, Ordering::Relaxed);
+    s.data.store(data, Ordering::Relaxed);
+    s.size.store(size, Ordering::Relaxed);
+    s.seq.store(seq.wrapping_add(2), Ordering::Release);
+}
+
+/// The shadow data of (`obj`, `id`), or NULL. Lock-free, allocation-free.
+pub fn get(obj: *mut c_void, id: u64) -> *mut c_void {
+    let obj = obj as usize;
+    let start = home(obj, id);
+    for i in 0..CAPACITY {
+        let (state, o, k, data) = read_slot(&SLOTS[(start + i) & (CAPACITY - 1)]);
+        match state {
+            NEVER => break,
+            LIVE if o == obj && k == id => return data,
+            _ => {}
+        }
+    }
+    std::ptr::null_mut()
+}
+
+/// Where (`obj`, `id`) lives, or else the first reusable slot (mutex held).
+enum Probe {
+    Found(usize),
+    Free(usize),
+    Full,
+}
+
+fn probe(obj: usize, id: u64) -> Probe {
+    let start = home(obj, id);
+    let mut free = None;
+    for i in 0..CAPACITY {
+        let at = (start + i) & (CAPACITY - 1);
+        let s = &SLOTS[at];
+        // The mutex holder is the only writer: plain loads see the current contents.
+        match s.state.load(Ordering::Relaxed) {
+            NEVER => return Probe::Free(free.unwrap_or(at)),
+            LIVE if s.obj.load(Ordering::Relaxed) == obj && s.id.load(Ordering::Relaxed) == id => {
+                return Probe::Found(at)
+            }
+            TOMB if free.is_none() => free = Some(at),
+            _ => {}
+        }
+    }
+    free.map_or(Probe::Full, Probe::Free)
+}
+
+fn layout(size: usize) -> Option<Layout> {
+    Layout::from_size_align(size.max(1), ALIGN).ok()
+}
+
+fn insert(
+    obj: *mut c_void,
+    id: u64,
+    size: usize,
+    ctor: Ctor,
+    ctor_data: *mut c_void,
+    return_existing: bool,
+) -> *mut c_void {
+    if size > MAX_SIZE {
+        return std::ptr::null_mut();
+    }
+    let Some(layout) = layout(size) else {
+        return std::ptr::null_mut();
+    };
+    let _w = WRITER.lock();
+    let at = match probe(obj as usize, id) {
+        Probe::Found(at) if return_existing => {
+            return SLOTS[at].data.load(Ordering::Relaxed);
+        }
+        Probe::Found(_) | Probe::Full => return std::ptr::null_mut(),
+        Probe::Free(at) => at,
+    };
+    // SAFETY: `layout` has a non-zero size (at least 1) and a valid alignment.
+    let data = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<c_void>();
+    if data.is_null() {
+        return data;
+    }
+    if let Some(ctor) = ctor {
+        // SAFETY: the author's constructor, called as klp_shadow does: with the object, the
+        // new zeroed data (`size` bytes) and the author's own argument.
+        if unsafe { ctor(obj, data, ctor_data) } != 0 {
+            // SAFETY: allocated just above with `layout`; nothing else saw it.
+            unsafe { std::alloc::dealloc(data.cast(), layout) };
+            return std::ptr::null_mut();
+        }
+    }
+    write_slot(&SLOTS[at], LIVE, obj as usize, id, data, size);
+    LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
+    data
+}
+
+/// A new zeroed shadow of `size` bytes for (`obj`, `id`), run through `ctor` (if any; a
+/// nonzero return drops it). NULL if one exists already, the table is full, `size` is over
+/// 1 MiB, memory ran out, or `ctor` refused. `ctor` runs with the writer lock held: it must
+/// not call the shadow API.
+pub fn alloc(
+    obj: *mut c_void,
+    id: u64,
+    size: usize,
+    ctor: Ctor,
+    ctor_data: *mut c_void,
+) -> *mut c_void {
+    insert(obj, id, size, ctor, ctor_data, false)
+}
+
+/// The shadow of (`obj`, `id`) if there is one, else as [`alloc`].
+pub fn get_or_alloc(
+    obj: *mut c_void,
+    id: u64,
+    size: usize,
+    ctor: Ctor,
+    ctor_data: *mut c_void,
+) -> *mut c_void {
+    let found = get(obj, id);
+    if !found.is_null() {
+        return found;
+    }
+    insert(obj, id, size, ctor, ctor_data, true)
+}
+
+/// Unlinks slot `at` (mutex held), runs `dtor` on its data and frees it.
+fn release(at: usize, dtor: Dtor) {
+    let s = &SLOTS[at];
+    let obj = s.obj.load(Ordering::Relaxed);
+    let id = s.id.load(Ordering::Relaxed);
+    let data = s.data.load(Ordering::Relaxed);
+    let size = s.size.load(Ordering::Relaxed);
+    write_slot(s, TOMB, obj, id, std::ptr::null_mut(), 0);
+    LIVE_COUNT.fetch_sub(1, Ordering::Relaxed);
+    if let Some(dtor) = dtor {
+        // SAFETY: the author's destructor, with the object and its shadow data, which is
+        // still allocated.
+        unsafe { dtor(obj as *mut c_void, data) };
+    }
+    if let Some(layout) = layout(size) {
+        // SAFETY: `data` was allocated by `insert` with this same layout (its size is the
+        // slot's), and the slot no longer points at it, so it is freed once.
+        unsafe { std::alloc::dealloc(data.cast(), layout) };
+    }
+}
+
+/// Frees the shadow of (`obj`, `id`) if there is one, after `dtor` (if any) saw it.
+pub fn free(obj: *mut c_void, id: u64, dtor: Dtor) {
+    let _w = WRITER.lock();
+    if let Probe::Found(at) = probe(obj as usize, id) {
+        release(at, dtor);
+    }
+}
+
+/// Frees every shadow of `id`, each after `dtor` (if any) saw it.
+pub fn free_all(id: u64, dtor: Dtor) {
+    let _w = WRITER.lock();
+    for at in 0..CAPACITY {
+        let s = &SLOTS[at];
+        if s.state.load(Ordering::Relaxed) == LIVE && s.id.load(Ordering::Relaxed) == id {
+            release(at, dtor);
+        }
+    }
+}
+
+/// How many shadows are allocated.
+pub fn count() -> usize {
+    LIVE_COUNT.load(Ordering::Relaxed)
+}
+
+extern "C" fn c_get(obj: *mut c_void, id: u64) -> *mut c_void {
+    get(obj, id)
+}
+extern "C" fn c_alloc(
+    obj: *mut c_void,
+    id: u64,
+    size: usize,
+    ctor: Ctor,
+    d: *mut c_void,
+) -> *mut c_void {
+    alloc(obj, id, size, ctor, d)
+}
+extern "C" fn c_get_or_alloc(
+    obj: *mut c_void,
+    id: u64,
+    size: usize,
+    ctor: Ctor,
+    d: *mut c_void,
+) -> *mut c_void {
+    get_or_alloc(obj, id, size, ctor, d)
+}
+extern "C" fn c_free(obj: *mut c_void, id: u64, dtor: Dtor) {
+    free(obj, id, dtor)
+}
+extern "C" fn c_free_all(id: u64, dtor: Dtor) {
+    free_all(id, dtor)
+}
+extern "C" fn c_count() -> usize {
+    count()
+}
+
+/// The runtime table a patch module receives (`struct kgpatch_runtime` in `kgpatch.h`;
+/// keep the two in step). New members go at the end; `size` tells a module which exist.
+#[repr(C)]
+pub struct Runtime {
+    /// [`RUNTIME_VERSION`].
+    pub version: u32,
+    /// `size_of::<Runtime>()`.
+    pub size: u32,
+    /// [`get`].
+    pub shadow_get: extern "C" fn(*mut c_void, u64) -> *mut c_void,
+    /// [`alloc`].
+    pub shadow_alloc: extern "C" fn(*mut c_void, u64, usize, Ctor, *mut c_void) -> *mut c_void,
+    /// [`get_or_alloc`].
+    pub shadow_get_or_alloc:
+        extern "C" fn(*mut c_void, u64, usize, Ctor, *mut c_void) -> *mut c_void,
+    /// [`free`].
+    pub shadow_free: extern "C" fn(*mut c_void, u64, Dtor),
+    /// [`free_all`].
+    pub shadow_free_all: extern "C" fn(u64, Dtor),
+    /// [`count`].
+    pub shadow_count: extern "C" fn() -> usize,
+}
+
+/// Version of [`Runtime`].
+pub const RUNTIME_VERSION: u32 = 1;
+
+/// The one runtime table of this process.
+pub static KGPATCH_RUNTIME: Runtime = Runtime {
+    version: RUNTIME_VERSION,
+    size: std::mem::size_of::<Runtime>() as u32,
+    shadow_get: c_get,
+    shadow_alloc: c_alloc,
+    shadow_get_or_alloc: c_get_or_alloc,
+    shadow_free: c_free,
+    shadow_free_all: c_free_all,
+    shadow_count: c_count,
+};
+
+/// Tells the module loader where [`KGPATCH_RUNTIME`] is.
+pub(crate) fn publish() {
+    kgpatch_kmod::set_runtime(std::ptr::addr_of!(KGPATCH_RUNTIME) as u64);
+}
