@@ -266,8 +266,7 @@ pub fn free(obj: *mut c_void, id: u64, dtor: Dtor) {
 /// Frees every shadow of `id`, each after `dtor` (if any) saw it.
 pub fn free_all(id: u64, dtor: Dtor) {
     let _w = WRITER.lock();
-    for at in 0..CAPACITY {
-        let s = &SLOTS[at];
+    for (at, s) in SLOTS.iter().enumerate() {
         if s.state.load(Ordering::Relaxed) == LIVE && s.id.load(Ordering::Relaxed) == id {
             release(at, dtor);
         }
@@ -351,4 +350,123 @@ pub static KGPATCH_RUNTIME: Runtime = Runtime {
 /// Tells the module loader where [`KGPATCH_RUNTIME`] is.
 pub(crate) fn publish() {
     kgpatch_kmod::set_runtime(std::ptr::addr_of!(KGPATCH_RUNTIME) as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    static DTORS: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe extern "C" fn tag(obj: *mut c_void, data: *mut c_void, arg: *mut c_void) -> c_int {
+        // SAFETY: `data` is a fresh shadow of at least 8 bytes, 16-aligned.
+        unsafe { *data.cast::<usize>() = obj as usize ^ arg as usize };
+        0
+    }
+
+    unsafe extern "C" fn refuse(_: *mut c_void, _: *mut c_void, _: *mut c_void) -> c_int {
+        1
+    }
+
+    unsafe extern "C" fn count_dtor(obj: *mut c_void, data: *mut c_void) {
+        // SAFETY: `data` is a live shadow made by `tag` with arg 0.
+        assert_eq!(unsafe { *data.cast::<usize>() }, obj as usize);
+        DTORS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn obj(i: usize) -> *mut c_void {
+        (0x10_0000 + i * 64) as *mut c_void
+    }
+
+    /// One test, because the table is process-wide: the phases must not overlap.
+    #[test]
+    fn table_under_threads_full_and_free_all() {
+        // alloc / get / refuse / free
+        let p = alloc(obj(1), 9, 8, Some(tag), std::ptr::null_mut());
+        assert!(!p.is_null());
+        assert_eq!(p as usize % ALIGN, 0);
+        assert_eq!(get(obj(1), 9), p);
+        assert!(get(obj(1), 10).is_null());
+        assert!(
+            alloc(obj(1), 9, 8, None, std::ptr::null_mut()).is_null(),
+            "exists"
+        );
+        assert_eq!(get_or_alloc(obj(1), 9, 8, None, std::ptr::null_mut()), p);
+        assert!(alloc(obj(2), 9, 8, Some(refuse), std::ptr::null_mut()).is_null());
+        assert!(get(obj(2), 9).is_null());
+        assert!(alloc(obj(2), 9, MAX_SIZE + 1, None, std::ptr::null_mut()).is_null());
+        free(obj(1), 9, None);
+        assert!(get(obj(1), 9).is_null());
+        assert_eq!(count(), 0);
+
+        // 8 threads: 4 allocate and free their own objects, 4 read all the time; a reader
+        // sees either nothing or the right shadow.
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut seen = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for i in 0..4096 {
+                            let d = get(obj(i), 1);
+                            // Writers free concurrently: use only the pointer value.
+                            if !d.is_null() {
+                                assert_eq!(d as usize % ALIGN, 0);
+                                seen += 1;
+                            }
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                std::thread::spawn(move || {
+                    for round in 0..50 {
+                        for i in (w..4096).step_by(4) {
+                            let d = get_or_alloc(obj(i), 1, 8, Some(tag), std::ptr::null_mut());
+                            assert!(!d.is_null(), "round {round} obj {i}");
+                            assert_eq!(get(obj(i), 1), d);
+                            // SAFETY: only this thread frees obj(i)'s shadow.
+                            assert_eq!(unsafe { *d.cast::<usize>() }, obj(i) as usize);
+                        }
+                        if round % 2 == 0 {
+                            for i in (w..4096).step_by(4) {
+                                free(obj(i), 1, None);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(seen > 0);
+        assert_eq!(count(), 4096);
+
+        // full: the rest of the table fills, then alloc says NULL; free_all counts right
+        let mut extra = 0;
+        while !alloc(obj(100_000 + extra), 2, 8, None, std::ptr::null_mut()).is_null() {
+            extra += 1;
+        }
+        assert_eq!(4096 + extra, CAPACITY);
+        assert!(get_or_alloc(obj(1 << 30), 3, 8, None, std::ptr::null_mut()).is_null());
+        DTORS.store(0, Ordering::Relaxed);
+        free_all(1, Some(count_dtor));
+        assert_eq!(DTORS.load(Ordering::Relaxed), 4096);
+        assert_eq!(count(), extra);
+        free_all(2, None);
+        assert_eq!(count(), 0);
+        // tombstones are reused
+        assert!(!alloc(obj(5), 4, 8, None, std::ptr::null_mut()).is_null());
+        assert!(!get(obj(5), 4).is_null());
+        free_all(4, None);
+    }
 }

@@ -61,7 +61,11 @@ fn shadows_survive_patches_through_100_cycles_with_8_threads() {
         ms.extend(transition_ms(&out));
         if cycle % 20 == 19 {
             let s = t.stats();
-            assert_eq!((s["r4"], s["r7"], s["ctor_bad"]), (0, 0, 0), "cycle {cycle}: {s:?}");
+            assert_eq!(
+                (s["r4"], s["r7"], s["ctor_bad"]),
+                (0, 0, 0),
+                "cycle {cycle}: {s:?}"
+            );
         }
     }
     let elapsed = start.elapsed();
