@@ -44,21 +44,20 @@ fn shadows_survive_patches_through_100_cycles_with_8_threads() {
     let mut t = Spawn::new(&exe, &dir.runtime_dir()).start();
     let start = Instant::now();
     let mut ms = Vec::new();
+    let mut step = |what: &str, out: Out| {
+        assert_eq!(out.code, 0, "{what}: {out}");
+        expect_completed(&out);
+        ms.extend(transition_ms(&out));
+        std::thread::sleep(Duration::from_millis(2));
+    };
     for cycle in 0..100 {
-        let out = t.apply(&a, "30s");
-        expect_completed(&out);
-        ms.extend(transition_ms(&out));
-        std::thread::sleep(Duration::from_millis(2));
-        let out = t.revert("shadow-a", "30s");
-        expect_completed(&out);
-        ms.extend(transition_ms(&out));
-        let out = t.apply(&b, "30s");
-        expect_completed(&out);
-        ms.extend(transition_ms(&out));
-        std::thread::sleep(Duration::from_millis(2));
-        let out = t.revert("shadow-b", "30s");
-        expect_completed(&out);
-        ms.extend(transition_ms(&out));
+        // A makes shadows; B, stacked over A, reads them; then B alone after A's revert.
+        step("apply A", t.apply(&a, "30s"));
+        step("apply B over A", t.apply(&b, "30s"));
+        step("revert B", t.revert("shadow-b", "30s"));
+        step("revert A", t.revert("shadow-a", "30s"));
+        step("apply B", t.apply(&b, "30s"));
+        step("revert B", t.revert("shadow-b", "30s"));
         if cycle % 20 == 19 {
             let s = t.stats();
             assert_eq!(
@@ -74,7 +73,9 @@ fn shadows_survive_patches_through_100_cycles_with_8_threads() {
     // constructor ran once, and B (in a later module) found it.
     assert_eq!(s["ctor"], 64, "{s:?}");
     assert_eq!((s["r4"], s["r7"], s["ctor_bad"]), (0, 0, 0), "{s:?}");
-    assert!(s["r1"] > 0 && s["r2"] > 0, "{s:?}");
+    // r3: B found no shadow. A ran for milliseconds before B ever did, time for every
+    // thread to touch all 64 objects many times, so B always finds one.
+    assert!(s["r1"] > 0 && s["r2"] > 0 && s["r3"] == 0, "{s:?}");
 
     let out = t.apply(&c, "30s");
     expect_completed(&out);
@@ -89,7 +90,7 @@ fn shadows_survive_patches_through_100_cycles_with_8_threads() {
     t.send("quit");
     t.wait_line("EXITED", Duration::from_secs(20));
     eprintln!(
-        "shadow: 100 cycles (400 transitions) in {elapsed:?}; transitions {}; {s:?}",
+        "shadow: 100 cycles (600 transitions) in {elapsed:?}; transitions {}; {s:?}",
         summary(&mut ms)
     );
 }
