@@ -35,7 +35,7 @@
 #![allow(unsafe_code)]
 
 use std::alloc::Layout;
-use std::ffi::{c_int, c_void};
+use std::ffi::c_void;
 use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
@@ -51,10 +51,7 @@ const NEVER: u8 = 0;
 const LIVE: u8 = 1;
 const TOMB: u8 = 2;
 
-/// `int ctor(void *obj, void *shadow_data, void *ctor_data)`: 0 keeps the shadow.
-pub type Ctor = Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void) -> c_int>;
-/// `void dtor(void *obj, void *shadow_data)`.
-pub type Dtor = Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>;
+pub use kgpatch_kmod::author::{Runtime, ShadowCtor as Ctor, ShadowDtor as Dtor};
 
 struct Slot {
     seq: AtomicU64,
@@ -337,30 +334,7 @@ extern "C" fn c_count() -> usize {
     count()
 }
 
-/// The runtime table a patch module receives (`struct kgpatch_runtime` in `kgpatch.h`;
-/// keep the two in step). New members go at the end; `size` tells a module which exist.
-#[repr(C)]
-pub struct Runtime {
-    /// [`RUNTIME_VERSION`].
-    pub version: u32,
-    /// `size_of::<Runtime>()`.
-    pub size: u32,
-    /// [`get`].
-    pub shadow_get: extern "C" fn(*mut c_void, u64) -> *mut c_void,
-    /// [`alloc`].
-    pub shadow_alloc: extern "C" fn(*mut c_void, u64, usize, Ctor, *mut c_void) -> *mut c_void,
-    /// [`get_or_alloc`].
-    pub shadow_get_or_alloc:
-        extern "C" fn(*mut c_void, u64, usize, Ctor, *mut c_void) -> *mut c_void,
-    /// [`free`].
-    pub shadow_free: extern "C" fn(*mut c_void, u64, Dtor),
-    /// [`free_all`].
-    pub shadow_free_all: extern "C" fn(u64, Dtor),
-    /// [`count`].
-    pub shadow_count: extern "C" fn() -> usize,
-}
-
-/// Version of [`Runtime`].
+/// Version of [`Runtime`] this agent fills.
 pub const RUNTIME_VERSION: u32 = 1;
 
 /// The one runtime table of this process.
@@ -383,6 +357,7 @@ pub(crate) fn publish() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::c_int;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
