@@ -225,6 +225,7 @@ struct kgpatch_runtime {
     void (*shadow_free_all)(uint64_t id, kgpatch_shadow_dtor_t dtor);
     size_t (*shadow_count)(void);
 };
+typedef char kgpatch__runtime_layout_is_56_bytes[sizeof(struct kgpatch_runtime) == 56 ? 1 : -1];
 
 /* Filled by the loader (kgpatch_kmod::RUNTIME_SYMBOL); weak so every file may include this. */
 __attribute__((weak, visibility("default"))) const struct kgpatch_runtime

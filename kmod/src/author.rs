@@ -411,6 +411,9 @@ pub struct Runtime {
     pub shadow_count: extern "C" fn() -> usize,
 }
 
+// `kgpatch.h` checks the same size.
+const _: () = assert!(core::mem::size_of::<Runtime>() == 56);
+
 /// The word a module exports as `kgpatch__runtime` (declare it with
 /// [`shadow_runtime!`](crate::shadow_runtime)); the loader writes the agent's [`Runtime`]
 /// address into it when it fills the slots. Empty (every call NULL / a no-op) before that.
