@@ -34,6 +34,7 @@ mod error;
 mod migrate;
 mod registry;
 mod server;
+pub mod shadow;
 mod stacks;
 #[cfg(feature = "bench-baseline")]
 mod stw;
@@ -93,6 +94,7 @@ pub fn start() -> Result<PathBuf, AgentError> {
     STARTED
         .get_or_init(|| {
             init_logging();
+            shadow::publish();
             let driver = driver::Driver::new()?;
             let server = server::Server::bind()?;
             let path = server.path().to_owned();

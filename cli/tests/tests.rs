@@ -20,6 +20,7 @@ mod late_load;
 mod lifetime;
 mod load;
 mod parked;
+mod shadow;
 mod short;
 mod signals_nested;
 mod sigwait;

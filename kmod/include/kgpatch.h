@@ -195,4 +195,72 @@ struct kgpatch_record_header {
 #define KGPATCH_POST_REVERT(fn)                                                     \
     KGPATCH__CALLBACK(KGPATCH__UNIQUE(kgpatch__cb_), KGPATCH_CB_POST_REVERT, fn)
 
+/* ---- shadow variables ------------------------------------------------------------------ */
+
+/* New data attached to objects of the target by (object address, id), kept by the agent so
+ * a later patch sees what an earlier one attached (docs/authoring-shadow.md). The loader
+ * writes the agent's table into `kgpatch__runtime` when it fills the slots; before that (and
+ * in constructors) every call returns NULL / does nothing.
+ *
+ *   int init(void *obj, void *data, void *arg) { ((struct extra *)data)->x = 1; return 0; }
+ *   struct extra *e = kgpatch_shadow_get_or_alloc(obj, 7, sizeof *e, init, NULL);
+ *
+ * get is lock-free; the others take the agent's writer lock, and ctor / dtor run under it
+ * (they must not call the shadow API). alloc returns NULL if the shadow exists, the table is
+ * full, size > 1 MiB, or ctor returned nonzero. Data is zeroed and 16-aligned. free/free_all
+ * are your promise that no thread still uses that data. */
+typedef int (*kgpatch_shadow_ctor_t)(void *obj, void *shadow_data, void *ctor_data);
+typedef void (*kgpatch_shadow_dtor_t)(void *obj, void *shadow_data);
+
+/* Layout: kgpatch_agent::shadow::Runtime; keep the two in step. Members are only added. */
+struct kgpatch_runtime {
+    uint32_t version;
+    uint32_t size;
+    void *(*shadow_get)(void *obj, uint64_t id);
+    void *(*shadow_alloc)(void *obj, uint64_t id, size_t size, kgpatch_shadow_ctor_t ctor,
+                          void *ctor_data);
+    void *(*shadow_get_or_alloc)(void *obj, uint64_t id, size_t size,
+                                 kgpatch_shadow_ctor_t ctor, void *ctor_data);
+    void (*shadow_free)(void *obj, uint64_t id, kgpatch_shadow_dtor_t dtor);
+    void (*shadow_free_all)(uint64_t id, kgpatch_shadow_dtor_t dtor);
+    size_t (*shadow_count)(void);
+};
+typedef char kgpatch__runtime_layout_is_56_bytes[sizeof(struct kgpatch_runtime) == 56 ? 1 : -1];
+
+/* Filled by the loader (kgpatch_kmod::RUNTIME_SYMBOL); weak so every file may include this. */
+__attribute__((weak, visibility("default"))) const struct kgpatch_runtime
+    *volatile kgpatch__runtime;
+
+static inline const struct kgpatch_runtime *kgpatch_runtime(void) {
+    return __atomic_load_n(&kgpatch__runtime, __ATOMIC_ACQUIRE);
+}
+static inline void *kgpatch_shadow_get(void *obj, uint64_t id) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    return rt ? rt->shadow_get(obj, id) : NULL;
+}
+static inline void *kgpatch_shadow_alloc(void *obj, uint64_t id, size_t size,
+                                         kgpatch_shadow_ctor_t ctor, void *ctor_data) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    return rt ? rt->shadow_alloc(obj, id, size, ctor, ctor_data) : NULL;
+}
+static inline void *kgpatch_shadow_get_or_alloc(void *obj, uint64_t id, size_t size,
+                                                kgpatch_shadow_ctor_t ctor, void *ctor_data) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    return rt ? rt->shadow_get_or_alloc(obj, id, size, ctor, ctor_data) : NULL;
+}
+static inline void kgpatch_shadow_free(void *obj, uint64_t id, kgpatch_shadow_dtor_t dtor) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    if (rt)
+        rt->shadow_free(obj, id, dtor);
+}
+static inline void kgpatch_shadow_free_all(uint64_t id, kgpatch_shadow_dtor_t dtor) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    if (rt)
+        rt->shadow_free_all(id, dtor);
+}
+static inline size_t kgpatch_shadow_count(void) {
+    const struct kgpatch_runtime *rt = kgpatch_runtime();
+    return rt ? rt->shadow_count() : 0;
+}
+
 #endif /* KGPATCH_H */

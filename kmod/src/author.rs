@@ -362,3 +362,238 @@ macro_rules! callback {
         );
     };
 }
+
+/// `int ctor(void *obj, void *shadow_data, void *ctor_data)` of a shadow variable: 0 keeps
+/// the new shadow.
+pub type ShadowCtor = Option<
+    unsafe extern "C" fn(
+        *mut core::ffi::c_void,
+        *mut core::ffi::c_void,
+        *mut core::ffi::c_void,
+    ) -> core::ffi::c_int,
+>;
+/// `void dtor(void *obj, void *shadow_data)` of a shadow variable.
+pub type ShadowDtor = Option<unsafe extern "C" fn(*mut core::ffi::c_void, *mut core::ffi::c_void)>;
+
+/// The agent's runtime table (`struct kgpatch_runtime` in `kgpatch.h`; keep the two in
+/// step). The agent defines the one instance; members are only ever added at the end, and
+/// `size` says which exist. See docs/authoring-shadow.md.
+#[repr(C)]
+pub struct Runtime {
+    /// Layout version, 1.
+    pub version: u32,
+    /// `size_of::<Runtime>()` of the agent that made it.
+    pub size: u32,
+    /// The shadow of (obj, id), or NULL. Lock-free.
+    pub shadow_get: extern "C" fn(*mut core::ffi::c_void, u64) -> *mut core::ffi::c_void,
+    /// A new zeroed shadow of `size` bytes, run through ctor; NULL if it exists, the table
+    /// is full, `size` > 1 MiB or ctor refused.
+    pub shadow_alloc: extern "C" fn(
+        *mut core::ffi::c_void,
+        u64,
+        usize,
+        ShadowCtor,
+        *mut core::ffi::c_void,
+    ) -> *mut core::ffi::c_void,
+    /// The shadow if there is one, else as `shadow_alloc`.
+    pub shadow_get_or_alloc: extern "C" fn(
+        *mut core::ffi::c_void,
+        u64,
+        usize,
+        ShadowCtor,
+        *mut core::ffi::c_void,
+    ) -> *mut core::ffi::c_void,
+    /// Frees the shadow of (obj, id), after dtor saw it.
+    pub shadow_free: extern "C" fn(*mut core::ffi::c_void, u64, ShadowDtor),
+    /// Frees every shadow of id, each after dtor saw it.
+    pub shadow_free_all: extern "C" fn(u64, ShadowDtor),
+    /// How many shadows exist.
+    pub shadow_count: extern "C" fn() -> usize,
+}
+
+// `kgpatch.h` checks the same size.
+const _: () = assert!(core::mem::size_of::<Runtime>() == 56);
+
+/// The word a module exports as `kgpatch__runtime` (declare it with
+/// [`shadow_runtime!`](crate::shadow_runtime)); the loader writes the agent's [`Runtime`]
+/// address into it when it fills the slots. Empty (every call NULL / a no-op) before that.
+#[repr(transparent)]
+pub struct RuntimeWord(core::sync::atomic::AtomicPtr<Runtime>);
+
+impl RuntimeWord {
+    #[doc(hidden)]
+    pub const fn new() -> Self {
+        RuntimeWord(core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()))
+    }
+
+    /// The table, once the loader filled the word.
+    pub fn runtime(&self) -> Option<&'static Runtime> {
+        let p = self.0.load(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: the loader writes only the address of the agent's `static` table, which
+        // lives as long as the process.
+        unsafe { p.as_ref() }
+    }
+
+    /// Fills the word by hand (for tests of code that uses it; the loader does it in a
+    /// patch module).
+    pub fn set(&self, table: &'static Runtime) {
+        self.0.store(
+            table as *const Runtime as *mut Runtime,
+            core::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// `kgpatch_shadow_get`.
+    pub fn shadow_get(&self, obj: *mut core::ffi::c_void, id: u64) -> *mut core::ffi::c_void {
+        self.runtime()
+            .map_or(core::ptr::null_mut(), |r| (r.shadow_get)(obj, id))
+    }
+
+    /// `kgpatch_shadow_alloc`.
+    pub fn shadow_alloc(
+        &self,
+        obj: *mut core::ffi::c_void,
+        id: u64,
+        size: usize,
+        ctor: ShadowCtor,
+        ctor_data: *mut core::ffi::c_void,
+    ) -> *mut core::ffi::c_void {
+        self.runtime().map_or(core::ptr::null_mut(), |r| {
+            (r.shadow_alloc)(obj, id, size, ctor, ctor_data)
+        })
+    }
+
+    /// `kgpatch_shadow_get_or_alloc`.
+    pub fn shadow_get_or_alloc(
+        &self,
+        obj: *mut core::ffi::c_void,
+        id: u64,
+        size: usize,
+        ctor: ShadowCtor,
+        ctor_data: *mut core::ffi::c_void,
+    ) -> *mut core::ffi::c_void {
+        self.runtime().map_or(core::ptr::null_mut(), |r| {
+            (r.shadow_get_or_alloc)(obj, id, size, ctor, ctor_data)
+        })
+    }
+
+    /// `kgpatch_shadow_free`.
+    pub fn shadow_free(&self, obj: *mut core::ffi::c_void, id: u64, dtor: ShadowDtor) {
+        if let Some(r) = self.runtime() {
+            (r.shadow_free)(obj, id, dtor)
+        }
+    }
+
+    /// `kgpatch_shadow_free_all`.
+    pub fn shadow_free_all(&self, id: u64, dtor: ShadowDtor) {
+        if let Some(r) = self.runtime() {
+            (r.shadow_free_all)(id, dtor)
+        }
+    }
+
+    /// `kgpatch_shadow_count`.
+    pub fn shadow_count(&self) -> usize {
+        self.runtime().map_or(0, |r| (r.shadow_count)())
+    }
+}
+
+impl Default for RuntimeWord {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Declares the module's `kgpatch__runtime` word (once per module) as
+/// `static KGPATCH_RUNTIME: RuntimeWord`; use its `shadow_*` methods:
+///
+/// ```no_run
+/// kgpatch_kmod::shadow_runtime!();
+/// #[no_mangle]
+/// pub extern "C" fn fixed(obj: *mut core::ffi::c_void) -> i32 {
+///     let seen = KGPATCH_RUNTIME.shadow_get_or_alloc(obj, 1, 8, None, core::ptr::null_mut());
+///     if seen.is_null() { -1 } else { 0 }
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! shadow_runtime {
+    () => {
+        /// Filled by the kgpatch loader with the agent's runtime table.
+        #[export_name = "kgpatch__runtime"]
+        pub static KGPATCH_RUNTIME: $crate::author::RuntimeWord =
+            $crate::author::RuntimeWord::new();
+    };
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::{Runtime, RuntimeWord, ShadowCtor, ShadowDtor};
+    use core::ffi::c_void;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    const HIT: *mut c_void = 0x1000 as *mut c_void;
+
+    extern "C" fn get(obj: *mut c_void, id: u64) -> *mut c_void {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        if obj as usize == 8 && id == 3 {
+            HIT
+        } else {
+            core::ptr::null_mut()
+        }
+    }
+    extern "C" fn alloc(
+        o: *mut c_void,
+        id: u64,
+        n: usize,
+        _: ShadowCtor,
+        _: *mut c_void,
+    ) -> *mut c_void {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+        (o as usize + id as usize + n) as *mut c_void
+    }
+    extern "C" fn free(_: *mut c_void, _: u64, _: ShadowDtor) {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    extern "C" fn free_all(_: u64, _: ShadowDtor) {
+        CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+    extern "C" fn count() -> usize {
+        42
+    }
+    static TABLE: Runtime = Runtime {
+        version: 1,
+        size: core::mem::size_of::<Runtime>() as u32,
+        shadow_get: get,
+        shadow_alloc: alloc,
+        shadow_get_or_alloc: alloc,
+        shadow_free: free,
+        shadow_free_all: free_all,
+        shadow_count: count,
+    };
+
+    #[test]
+    fn empty_word_answers_null_and_a_filled_one_delegates() {
+        let word = RuntimeWord::new();
+        assert_eq!(core::mem::size_of::<RuntimeWord>(), 8);
+        assert!(word.shadow_get(8 as *mut c_void, 3).is_null());
+        assert!(word
+            .shadow_alloc(8 as *mut c_void, 3, 8, None, core::ptr::null_mut())
+            .is_null());
+        word.shadow_free_all(3, None);
+        assert_eq!((word.shadow_count(), CALLS.load(Ordering::Relaxed)), (0, 0));
+        word.set(&TABLE);
+        assert_eq!(word.shadow_get(8 as *mut c_void, 3), HIT);
+        assert!(word.shadow_get(8 as *mut c_void, 4).is_null());
+        assert_eq!(
+            word.shadow_get_or_alloc(8 as *mut c_void, 3, 5, None, core::ptr::null_mut()) as usize,
+            16
+        );
+        word.shadow_free(8 as *mut c_void, 3, None);
+        word.shadow_free_all(3, None);
+        assert_eq!(
+            (word.shadow_count(), CALLS.load(Ordering::Relaxed)),
+            (42, 5)
+        );
+    }
+}

@@ -91,7 +91,7 @@ pub use encode::encode_manifest;
 #[cfg(feature = "loader")]
 pub use error::{Candidate, KmodError};
 #[cfg(feature = "loader")]
-pub use live::{loaded_objects, Loaded, Pin};
+pub use live::{loaded_objects, set_runtime, Loaded, Pin, RUNTIME_SYMBOL};
 #[cfg(feature = "loader")]
 pub use manifest::{
     BuildId, Callbacks, FunctionEntry, Manifest, RefKind, Reference, SymbolSpec, Target, TargetKind,

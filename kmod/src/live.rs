@@ -54,6 +54,19 @@ fn build_id_from_notes(mut notes: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The address of the agent's runtime table (`struct kgpatch_runtime`), 0 until
+/// [`set_runtime`].
+static RUNTIME: AtomicU64 = AtomicU64::new(0);
+
+/// The data symbol a module exports to receive the runtime table's address.
+pub const RUNTIME_SYMBOL: &str = "kgpatch__runtime";
+
+/// Records the address of the runtime table (shadow variables) that [`Loaded::resolve`]
+/// writes into each module's `kgpatch__runtime` word. The agent calls it once at start.
+pub fn set_runtime(table: u64) {
+    RUNTIME.store(table, Ordering::Release);
+}
+
 /// Serializes `Loaded::open` and `Loaded::close`.
 static OPEN_LOCK: Mutex<()> = Mutex::new(());
 
@@ -286,7 +299,37 @@ impl Loaded {
             let word = unsafe { AtomicU64::from_ptr(slot.slot_address as *mut u64) };
             word.store(slot.value, Ordering::Release);
         }
+        self.fill_runtime();
         Ok(self.resolved.insert(resolved))
+    }
+
+    /// Writes the runtime table's address into the module's `kgpatch__runtime` word, if it
+    /// exports one that is an 8-byte, 8-aligned object inside a writable loaded segment
+    /// (anything else is left alone).
+    fn fill_runtime(&self) {
+        let table = RUNTIME.load(Ordering::Acquire);
+        let Some(export) = self.module.exports.get(RUNTIME_SYMBOL) else {
+            return;
+        };
+        let writable = self.module.loads.iter().any(|l| {
+            l.flags & object::elf::PF_W != 0
+                && export.value >= l.vaddr
+                && export.value.checked_add(8) <= l.vaddr.checked_add(l.memsz)
+        });
+        if table == 0
+            || export.kind != object::elf::STT_OBJECT
+            || export.size != 8
+            || export.value % 8 != 0
+            || !writable
+        {
+            return;
+        }
+        let addr = self.bias.wrapping_add(export.value);
+        // SAFETY: an 8-aligned, 8-byte object of this open module inside one of its writable
+        // PT_LOAD segments (checked above), mapped while the handle is open; the module reads
+        // it only through volatile or atomic loads (kgpatch.h).
+        let word = unsafe { AtomicU64::from_ptr(addr as *mut u64) };
+        word.store(table, Ordering::Release);
     }
 
     fn callback_address(&self, symbol: &str, role: &str) -> Result<u64, KmodError> {

@@ -1,5 +1,8 @@
 //! The Rust patch module (a cdylib built with cargo from tests/fixtures/rust_patch.rs).
 
+use std::ffi::c_void;
+
+use kgpatch_kmod::author::{Runtime, ShadowCtor, ShadowDtor};
 use kgpatch_kmod::{inspect, Loaded, RefKind, ResolveOptions, TargetKind};
 
 use crate::c_module::{fixture_bias, link_value};
@@ -30,6 +33,36 @@ fn rust_module_inspects_resolves_and_runs() {
         Some("kgfix_rust_post_revert")
     );
 
+    // The runtime table the loader writes into the module's `kgpatch__runtime` word.
+    extern "C" fn count() -> usize {
+        42
+    }
+    extern "C" fn get(_: *mut c_void, _: u64) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    extern "C" fn alloc(
+        _: *mut c_void,
+        _: u64,
+        _: usize,
+        _: ShadowCtor,
+        _: *mut c_void,
+    ) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    extern "C" fn free(_: *mut c_void, _: u64, _: ShadowDtor) {}
+    extern "C" fn free_all(_: u64, _: ShadowDtor) {}
+    static TABLE: Runtime = Runtime {
+        version: 1,
+        size: std::mem::size_of::<Runtime>() as u32,
+        shadow_get: get,
+        shadow_alloc: alloc,
+        shadow_get_or_alloc: alloc,
+        shadow_free: free,
+        shadow_free_all: free_all,
+        shadow_count: count,
+    };
+    kgpatch_kmod::set_runtime(&TABLE as *const Runtime as u64);
+
     // SAFETY: the Rust fixture has no initialisers that use slots.
     let mut loaded = unsafe { Loaded::open(path) }.unwrap();
     assert!(loaded.slot_values().iter().all(|&v| v == 0));
@@ -49,6 +82,11 @@ fn rust_module_inspects_resolves_and_runs() {
     // SAFETY: `extern "C" fn(i32) -> i32`, slots filled.
     let new: extern "C" fn(i32) -> i32 = unsafe { std::mem::transmute(r.functions[0].new_address) };
     assert_eq!(new(5), 1099);
+    // The loader filled the runtime word along with the slots.
+    let shadow_count = loaded.function_address("kgfix_rust_shadow_count").unwrap();
+    // SAFETY: the fixture's `extern "C" fn() -> usize`.
+    let shadow_count: extern "C" fn() -> usize = unsafe { std::mem::transmute(shadow_count) };
+    assert_eq!(shadow_count(), 42);
     assert_eq!(new(1), 1015);
     assert_eq!(
         r.functions[0].old_address,
