@@ -16,19 +16,7 @@ const MAX_SKIPPED: u64 = 4;
 #[test]
 fn a_sleeping_thread_inside_a_patched_function_is_not_woken_every_round() {
     let dir = TempDir::new("cost");
-    let exe = dir.join("sleeper");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wall",
-            "-o",
-            exe.to_str().unwrap(),
-            fixture("sleeper.c").to_str().unwrap(),
-            "-lpthread",
-        ],
-    );
+    let exe = build_fixture(&dir, "gcc", "sleeper.c", "sleeper");
     let fix = dir.join("fix-held.so");
     build_patch("sleeper_fix.c", &fix, &sym_defines(&exe, &["held_fn"]));
     const IDLE: u64 = 3;

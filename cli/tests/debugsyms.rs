@@ -304,20 +304,7 @@ fn thread_in_cold_part_blocks_the_transition() {
 #[test]
 fn cxx_member_function_by_demangled_name() {
     let dir = TempDir::new("cxxsym");
-    let exe = dir.join("cxxsym");
-    let src = fixture("cxxsym.cpp");
-    cc(
-        "g++",
-        &[
-            "-O2",
-            "-g",
-            "-Wall",
-            "-o",
-            exe.to_str().unwrap(),
-            src.to_str().unwrap(),
-            "-lpthread",
-        ],
-    );
+    let exe = build_fixture(&dir, "g++", "cxxsym.cpp", "cxxsym");
     let out = kgpatch(
         &dir.runtime_dir(),
         &[

@@ -22,19 +22,7 @@ fn pending(s: &Status) -> Vec<(u32, bool)> {
 #[test]
 fn force_names_the_threads_that_block_the_migration_signal() {
     let dir = TempDir::new("force-sigblock");
-    let exe = dir.join("sigblock");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wall",
-            "-o",
-            exe.to_str().unwrap(),
-            fixture("sigblock.c").to_str().unwrap(),
-            "-lpthread",
-        ],
-    );
+    let exe = build_fixture(&dir, "gcc", "sigblock.c", "sigblock");
     let fix = dir.join("fix-answer.so");
     let mut defs = vec![
         "-DNAME=\"fix-answer\"".to_string(),

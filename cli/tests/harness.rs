@@ -668,6 +668,26 @@ pub fn expect_completed(out: &Out) {
     assert_eq!(out.outcome().result, OutcomeKind::Completed, "{out}");
 }
 
+/// Builds `fixtures/<source>` with `compiler` (`gcc`, `g++`) into `dir/<name>`:
+/// `-O2 -g -Wall`, linked with pthreads.
+pub fn build_fixture(dir: &TempDir, compiler: &str, source: &str, name: &str) -> PathBuf {
+    let exe = dir.join(name);
+    let src = fixture(source);
+    cc(
+        compiler,
+        &[
+            "-O2",
+            "-g",
+            "-Wall",
+            "-o",
+            exe.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-lpthread",
+        ],
+    );
+    exe
+}
+
 /// Builds `fixtures/target.c` (with `amb_a.c`, `amb_b.c`) into `dir/<name>` with `-O2 -g`
 /// and `flags`.
 pub fn build_target(dir: &TempDir, name: &str, flags: &[&str]) -> PathBuf {

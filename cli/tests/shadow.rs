@@ -13,20 +13,7 @@ use crate::harness::*;
 #[test]
 fn shadows_survive_patches_through_100_cycles_with_8_threads() {
     let dir = TempDir::new("shadow");
-    let exe = dir.join("shadow");
-    let src = fixture("shadow.c");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wall",
-            "-o",
-            exe.to_str().unwrap(),
-            src.to_str().unwrap(),
-            "-lpthread",
-        ],
-    );
+    let exe = build_fixture(&dir, "gcc", "shadow.c", "shadow");
     let sums = sym_defines(&exe, &["touch"]);
     let module = |name: &str, switch: &str| {
         let out = dir.join(&format!("{name}.so"));

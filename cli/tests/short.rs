@@ -11,19 +11,7 @@ use crate::harness::*;
 #[test]
 fn a_three_byte_function_with_padding_is_patched_live() {
     let dir = TempDir::new("tinypad");
-    let exe = dir.join("tinypad");
-    cc(
-        "gcc",
-        &[
-            "-O2",
-            "-g",
-            "-Wall",
-            "-o",
-            exe.to_str().unwrap(),
-            fixture("tinypad.c").to_str().unwrap(),
-            "-lpthread",
-        ],
-    );
+    let exe = build_fixture(&dir, "gcc", "tinypad.c", "tinypad");
     let tiny = describe(&exe, "tp_tiny");
     assert_eq!(tiny.size, 3);
     let after = describe(&exe, "tp_after");
